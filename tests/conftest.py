@@ -1,0 +1,31 @@
+"""Shared fixtures: the tiny random Llama built in code (no files, no network)."""
+
+import pytest
+import torch
+
+from fedsplit.model.loading import load_model
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Tests never touch the user's cache, but share one per session so tiny-llama is built once.
+    monkeypatch.setenv("FEDSPLIT_CACHE", str(tmp_path_factory.getbasetemp() / "fedsplit-cache"))
+
+
+@pytest.fixture
+def tiny():
+    """(model, tokenizer) for the tiny random Llama, fp32, eval mode."""
+    torch.manual_seed(0)
+    model, tokenizer = load_model("tiny-llama")
+    return model.eval(), tokenizer
+
+
+@pytest.fixture
+def padded_batch():
+    """Three rows left-padded by 0, 3 and 5 tokens: (input_ids, pad_lengths, 2-D mask, position ids)."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(10, 250, (3, 11), generator=gen)
+    pad = torch.tensor([0, 3, 5])
+    mask = (torch.arange(ids.shape[1])[None] >= pad[:, None]).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, pad, mask, positions
