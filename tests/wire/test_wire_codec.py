@@ -280,3 +280,8 @@ def test_check_message_size_raises_resource_exhausted_with_advice():
 def test_wire_error_is_a_value_error_with_default_code():
     err = WireError("bad")
     assert isinstance(err, ValueError) and err.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_wire_error_converts_to_an_error_reply_with_the_numeric_status():
+    reply = WireError("too big", grpc.StatusCode.RESOURCE_EXHAUSTED).to_proto()
+    assert reply.code == 8 and reply.message == "too big"

@@ -351,8 +351,13 @@ def _convert_gguf(gguf: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             **source, config=config, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
         )
-        # Drop the GGUF quantizer so the de-quantized model saves (and later loads) as a plain one.
-        model.hf_quantizer.remove_quantization_config(model)
+        # dequantize=True should leave a plain model; make sure no GGUF quantizer is left to be
+        # saved, or the cache would load as a quantized checkpoint again.
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
         model.save_pretrained(out)
         tokenizer = AutoTokenizer.from_pretrained(**source)
         if not tokenizer.chat_template:

@@ -69,11 +69,13 @@ def positions_and_mask(
 class Segment(nn.Module):
     """A contiguous span of decoder layers ``[start, end)`` with its rotary embedding."""
 
-    def __init__(self, layers: dict[int, nn.Module], rotary_emb: nn.Module, config) -> None:
+    def __init__(self, layers: dict[int, nn.Module], rotary_emb: nn.Module, config, start: int | None = None) -> None:
         super().__init__()
         self.config = config
         self.layers = nn.ModuleDict({str(i): layer for i, layer in sorted(layers.items())})
         self.rotary_emb = rotary_emb
+        # Where an empty segment sits (e.g. a body of zero layers when p + q = N).
+        self.start = start if start is not None else (min(layers) if layers else 0)
 
     @property
     def layer_indices(self) -> list[int]:
@@ -82,7 +84,7 @@ class Segment(nn.Module):
     @property
     def span(self) -> tuple[int, int]:
         idx = self.layer_indices
-        return (idx[0], idx[-1] + 1) if idx else (0, 0)
+        return (idx[0], idx[-1] + 1) if idx else (self.start, self.start)
 
     def run_layers(
         self,

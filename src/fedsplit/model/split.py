@@ -96,6 +96,7 @@ class SplitModel:
             segment.layers.clear()
         if sorted(blocks) != list(range(n)):
             raise SplitError("repartition needs all layers in this process; the body is remote")
+        self.body.start, self.tail.start = head_layers, n - tail_layers
         for i in range(n):
             target = self.head if i < head_layers else self.tail if i >= n - tail_layers else self.body
             target.layers[str(i)] = blocks[i]
@@ -112,12 +113,9 @@ def split(model: nn.Module, head_layers: int, tail_layers: int) -> SplitModel:
     start, end = body_span(n, head_layers, tail_layers)
     layers = dict(enumerate(decoder.layers))
     head = Head(
-        decoder.embed_tokens,
-        {i: layers[i] for i in range(0, start)},
-        copy.deepcopy(decoder.rotary_emb),
-        model.config,
+        decoder.embed_tokens, {i: layers[i] for i in range(0, start)}, copy.deepcopy(decoder.rotary_emb), model.config
     )
-    body = Body({i: layers[i] for i in range(start, end)}, copy.deepcopy(decoder.rotary_emb), model.config)
+    body = Body({i: layers[i] for i in range(start, end)}, copy.deepcopy(decoder.rotary_emb), model.config, start)
     tail = Tail(
         {i: layers[i] for i in range(end, n)},
         decoder.norm,
@@ -205,7 +203,7 @@ def load_part(
     if part == "head":
         segment = Head(decoder.embed_tokens, layers, rotary, config)
     elif part == "body":
-        segment = Body(layers, rotary, config)
+        segment = Body(layers, rotary, config, start)
     else:
         segment = Tail(layers, decoder.norm, skeleton.lm_head, rotary, config)
     del skeleton

@@ -58,7 +58,9 @@ def _make_accountant(neighbouring: str, accountant: str | None) -> dp_accounting
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
     if neighbouring == "replace":
         if accountant == "rdp":
-            raise ValueError("the RDP accountant does not support neighbouring='replace'; use accountant='pld'")
+            raise ValueError(
+                "the RDP accountant does not support neighbouring='replace'; use accountant='pld'"
+            )
         return PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE)
     if accountant == "pld":
         return PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)

@@ -61,11 +61,15 @@ class DPDefense(Defense):
         self.clip = check_finite_positive("dp clip", clip)
         self.sigma = check_finite_positive("dp sigma", sigma, allow_zero=True)
         if neighbouring not in accounting.NEIGHBOURING:
-            raise ValueError(f"dp neighbouring must be one of {accounting.NEIGHBOURING}, got {neighbouring!r}")
+            raise ValueError(
+                f"dp neighbouring must be one of {accounting.NEIGHBOURING}, got {neighbouring!r}"
+            )
         if accountant is not None and accountant not in accounting.ACCOUNTANTS:
             raise ValueError(f"dp accountant must be one of {accounting.ACCOUNTANTS}, got {accountant!r}")
         if neighbouring == "replace" and accountant == "rdp":
-            raise ValueError("dp: the RDP accountant does not support neighbouring=replace; use accountant=pld")
+            raise ValueError(
+                "dp: the RDP accountant does not support neighbouring=replace; use accountant=pld"
+            )
         self.neighbouring = neighbouring
         self.accountant = accountant
 
@@ -91,9 +95,7 @@ class DPDefense(Defense):
             noise = torch.randn_like(clipped) * self.noise_std
         return clipped + noise.detach()
 
-    def privacy_spent(
-        self, steps: int, sample_rate: float = 1.0, delta: float = 1e-5
-    ) -> tuple[float, float]:
+    def privacy_spent(self, steps: int, sample_rate: float = 1.0, delta: float = 1e-5) -> tuple[float, float]:
         """``(epsilon, delta)`` after ``steps`` releases, each record Poisson-sampled with ``sample_rate``.
 
         For a training run, ``steps`` is the number of optimiser steps and

@@ -42,7 +42,9 @@ class MIDDefense(Defense):
     def __init__(self, hidden_size: int, bottleneck_dim: int, beta: float = 1e-3) -> None:
         super().__init__()
         if hidden_size < 1 or bottleneck_dim < 1:
-            raise ValueError(f"mid needs hidden_size >= 1 and bottleneck_dim >= 1, got {hidden_size}, {bottleneck_dim}")
+            raise ValueError(
+                f"mid needs hidden_size >= 1 and bottleneck_dim >= 1, got {hidden_size}, {bottleneck_dim}"
+            )
         self.hidden_size = int(hidden_size)
         self.bottleneck_dim = int(bottleneck_dim)
         self.beta = check_finite_positive("mid beta", beta, allow_zero=True)

@@ -85,7 +85,9 @@ def _dp_args(body: str) -> dict[str, Any]:
     for i, part in enumerate(p.strip() for p in body.split(",")):
         if "=" not in part:
             if i != 0 or not part:
-                raise _SpecError(f"dp arguments are key=value pairs (keys: {', '.join(_DP_KEYS)}), got {part!r}")
+                raise _SpecError(
+                    f"dp arguments are key=value pairs (keys: {', '.join(_DP_KEYS)}), got {part!r}"
+                )
             values["sigma"] = part
             continue
         key, value = (s.strip() for s in part.split("=", 1))

@@ -59,7 +59,12 @@ _ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16
 # Bytes per element in Tensor.data; INT8 adds 4 bytes of scale per row.
 _ITEMSIZE = {pb.FP32: 4, pb.FP16: 2, pb.BF16: 2, pb.INT8: 1, pb.INT64: 8}
 # Little-endian numpy views of Tensor.data (bf16 is read as its raw 16 bits).
-_LE = {pb.FP32: np.dtype("<f4"), pb.FP16: np.dtype("<f2"), pb.BF16: np.dtype("<i2"), pb.INT64: np.dtype("<i8")}
+_LE = {
+    pb.FP32: np.dtype("<f4"),
+    pb.FP16: np.dtype("<f2"),
+    pb.BF16: np.dtype("<i2"),
+    pb.INT64: np.dtype("<i8"),
+}
 _SCALE_LE = np.dtype("<f4")
 
 
@@ -74,6 +79,10 @@ class WireError(ValueError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+    def to_proto(self) -> pb.Error:
+        """This error as a session-stream ``Error`` reply (numeric status code + message)."""
+        return pb.Error(code=self.code.value[0], message=self.message)
 
 
 def wire_dtype_enum(name: str) -> int:
@@ -128,7 +137,9 @@ def encode_tensor(t: torch.Tensor, wire_dtype: str = DEFAULT_WIRE_DTYPE) -> pb.T
         q, scales = _quantize_int8(t)
         return pb.Tensor(dtype=pb.INT8, shape=shape, data=q.tobytes(), scales=scales.tobytes())
     else:
-        raise WireError(f"cannot send a floating tensor as {wire_dtype!r}; choose one of {', '.join(WIRE_DTYPES)}")
+        raise WireError(
+            f"cannot send a floating tensor as {wire_dtype!r}; choose one of {', '.join(WIRE_DTYPES)}"
+        )
     return pb.Tensor(dtype=enum, shape=shape, data=data)
 
 
@@ -140,17 +151,24 @@ def _int8_rows(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def _quantize_int8(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row absmax int8: returns (int8 values, little-endian fp32 scales)."""
+    """Per-row absmax int8: returns (int8 values, little-endian fp32 scales).
+
+    Done in numpy, which is about twice as fast as torch here on CPU.
+    """
     nrows, last = _int8_rows(tuple(t.shape))
-    rows = t.to(torch.float32).reshape(nrows, last)
+    rows = t.to(torch.float32).contiguous().numpy().reshape(nrows, last)
     if last > 0:
-        scale = rows.abs().amax(dim=1) / 127.0
+        scale = np.abs(rows).max(axis=1) / np.float32(127.0)
     else:
-        scale = torch.zeros(nrows, dtype=torch.float32)
-    # An all-zero row keeps scale 0 and encodes as zeros; divide by 1 there.
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(rows / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.numpy(), scale.numpy().astype(_SCALE_LE, copy=False)
+        scale = np.zeros(nrows, dtype=np.float32)
+    # An all-zero row keeps scale 0 and encodes as zeros; divide by 1 there. Non-finite input
+    # gives a non-finite scale, which the receiver rejects.
+    safe = np.where(scale > 0, scale, np.float32(1.0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = np.rint(rows / safe[:, None])
+        np.clip(q, -127, 127, out=q)
+        q = q.astype(np.int8)
+    return q, scale.astype(_SCALE_LE, copy=False)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -191,8 +209,8 @@ def decode_tensor(
     enum = msg.dtype
     if enum not in _ITEMSIZE:
         raise WireError(f"{name} has unknown dtype enum {enum}; expected one of {_known_enums()}")
-    if not out_dtype.is_floating_point:
-        raise WireError(f"out_dtype must be a floating dtype, got {out_dtype}")
+    if not out_dtype.is_floating_point:  # a caller's bug, not the peer's: no WireError
+        raise TypeError(f"out_dtype must be a floating dtype, got {out_dtype}")
     shape = tuple(int(d) for d in msg.shape)
     if len(shape) > MAX_NDIM:
         raise WireError(f"{name} has {len(shape)} dimensions; at most {MAX_NDIM} are accepted")
@@ -228,9 +246,16 @@ def decode_tensor(
         raise WireError(f"{name} has {len(msg.scales)} scale bytes, but only int8 tensors carry scales")
 
     t = _read(msg, enum, shape, out_dtype)
-    if t.is_floating_point() and not allow_nonfinite and t.numel() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not allow_nonfinite and not _all_finite(t):
         raise WireError(f"{name} contains NaN or Inf values")
     return t
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # numpy's isfinite is several times faster than torch's on CPU for large tensors.
+    if t.dtype == torch.bfloat16:
+        t = t.to(torch.float32)
+    return bool(np.isfinite(t.numpy()).all())
 
 
 def _read(msg: pb.Tensor, enum: int, shape: tuple[int, ...], out_dtype: torch.dtype) -> torch.Tensor:
@@ -280,7 +305,11 @@ def from_named_tensors(
         if item.name in out:
             raise WireError(f"tensor name {item.name!r} appears more than once")
         t = decode_tensor(
-            item.tensor, max_elements=budget, allow_nonfinite=allow_nonfinite, out_dtype=out_dtype, name=item.name
+            item.tensor,
+            max_elements=budget,
+            allow_nonfinite=allow_nonfinite,
+            out_dtype=out_dtype,
+            name=item.name,
         )
         budget -= t.numel()
         out[item.name] = t

@@ -1,0 +1,133 @@
+"""The ``fedsplit`` command. Thin: parse options, call the layers."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated split learning and inference of LLMs.")
+token_app = typer.Typer(no_args_is_help=True, help="Manage client tokens for `fedsplit serve --tokens`.")
+bench_app = typer.Typer(no_args_is_help=True, help="Reproducible measurements (ratios measured side by side).")
+app.add_typer(token_app, name="token")
+app.add_typer(bench_app, name="bench")
+
+MODEL_HELP = "preset (smollm2-135m, tiny-llama), Hugging Face id, local directory or .gguf file"
+
+
+def fail(message: str) -> None:
+    """A user-caused error: one line, no traceback."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def generate(
+    prompt: list[str] = typer.Option(..., "--prompt", help="prompt text; repeat for a batch"),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    server: Optional[str] = typer.Option(None, help="HOST:PORT of a fedsplit server"),
+    local: bool = typer.Option(False, "--local", help="run all three segments in this process"),
+    head_layers: int = typer.Option(2, help="p: decoder blocks in the client's head"),
+    tail_layers: int = typer.Option(2, help="q: decoder blocks in the client's tail"),
+    max_new_tokens: int = typer.Option(64, help="tokens to generate"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling threshold"),
+    stream: bool = typer.Option(False, "--stream", help="print tokens as they arrive (batch of one)"),
+    token: Optional[str] = typer.Option(None, envvar="FEDSPLIT_TOKEN", help="bearer token"),
+    tls_ca: Optional[Path] = typer.Option(None, help="CA certificate to verify the server's TLS certificate"),
+    wire_dtype: str = typer.Option("fp16", help="fp32 | fp16 | bf16 | int8"),
+    adapters: Optional[Path] = typer.Option(None, help="directory with head/ and tail/ adapters from fedsplit train"),
+    noise: float = typer.Option(0.0, help="Gaussian noise std on hidden states sent"),
+) -> None:
+    """Generate text with the split model (chat template applied)."""
+    from ..client.api import SplitModelForCausalLM
+
+    if local == (server is not None):
+        fail("give exactly one of --local or --server HOST:PORT")
+    defense = _defense(noise, False)
+    lm = _open(SplitModelForCausalLM.from_pretrained, model, server, head_layers, tail_layers, token, tls_ca,
+               wire_dtype, defense, adapters)
+    ids, pad = lm.encode_chat(prompt)
+    mask = _mask(ids, pad)
+    on_token = None
+    if stream and len(prompt) == 1:
+        def on_token(tok):
+            sys.stdout.write(lm.tokenizer.decode(tok, skip_special_tokens=True))
+            sys.stdout.flush()
+    out = lm.generate(ids, mask, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                      temperature=temperature or 1.0, top_p=top_p, on_token=on_token)
+    if on_token is not None:
+        print()
+        return
+    for row in out:
+        print(lm.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True).strip())
+
+
+def _mask(ids, pad):
+    import torch
+
+    return (torch.arange(ids.shape[1])[None] >= pad[:, None]).long()
+
+
+def _defense(noise: float, relative: bool):
+    if noise <= 0:
+        return None
+    from ..privacy import parse_defense
+
+    return parse_defense(f"gaussian:{noise}" + (":relative" if relative else ""))
+
+
+def _open(factory, *args):
+    from ..model.loading import ModelSpecError, UnsupportedModelError
+
+    try:
+        return factory(*args)
+    except (ModelSpecError, UnsupportedModelError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    except ConnectionError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def export(
+    adapters: Path = typer.Option(..., help="directory with head/, body/ and tail/ adapters"),
+    out: Path = typer.Option(..., help="output directory for the merged adapter"),
+    model: Optional[str] = typer.Option(None, help=f"{MODEL_HELP}; with --merged, also write a merged model"),
+    merged: bool = typer.Option(False, "--merged", help="also write the base model with the adapter merged in"),
+) -> None:
+    """Merge head, body and tail adapters into one adapter for the unsplit model."""
+    from ..model.lora import export_adapter
+
+    try:
+        path = export_adapter(adapters, out, base_model=model)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    print(f"adapter written to {path}  (PeftModel.from_pretrained(model, '{path}'))")
+    if merged:
+        if model is None:
+            fail("--merged needs --model")
+        from peft import PeftModel
+
+        from ..model.loading import load_model
+
+        base, tokenizer = load_model(model)
+        full = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+        full.save_pretrained(str(out / "merged"))
+        tokenizer.save_pretrained(str(out / "merged"))
+        print(f"merged model written to {out / 'merged'}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,227 @@
+"""The data owner's side: head and tail, the split train step, and generation with split KV caches.
+
+The client talks to the body through a *session* object with four calls —
+``forward``, ``backward``, ``step``, ``close`` — whether the body is in this process
+(:class:`LocalTransport`) or behind gRPC (:class:`fedsplit.client.remote.RemoteTransport`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from ..model.segments import Head, KVCache, Tail
+from ..server.session import SessionConfig
+
+log = logging.getLogger(__name__)
+
+
+class BodyHandle(Protocol):
+    """What a client needs from a body session, local or remote."""
+
+    def forward(self, step_id: int, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int = 0) -> torch.Tensor: ...
+    def backward(self, step_id: int, grad: torch.Tensor) -> torch.Tensor: ...
+    def step(self, clip_norm: float = 0.0) -> None: ...
+    def close(self) -> None: ...
+
+
+class Transport(Protocol):
+    def open(self, config: SessionConfig) -> BodyHandle: ...
+
+
+class LocalTransport:
+    """The body in this process (tests, ``--local``): same session code as the server runs."""
+
+    def __init__(self, body, pool=None) -> None:
+        from ..server.adapters import AdapterPool
+
+        self.body = body
+        self.pool = pool or AdapterPool(body)
+
+    def open(self, config: SessionConfig):
+        from ..server.session import BodySession
+
+        return BodySession(self.body, self.pool, config)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.body.span
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy; -100 labels (prompt, padding) are ignored."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    tokens: int
+
+
+class SplitClient:
+    """Head + tail of a split model, driving a body session.
+
+    ``defense`` transforms hidden states before they leave; ``grad_defense`` transforms
+    the gradient copy sent back to the server (the client's own backward stays clean).
+    """
+
+    def __init__(
+        self,
+        head: Head,
+        tail: Tail,
+        transport: Transport,
+        span: tuple[int, int],
+        defense: torch.nn.Module | None = None,
+        grad_defense: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.head, self.tail, self.transport, self.span = head, tail, transport, span
+        self.defense = defense
+        self.grad_defense = grad_defense
+        self._steps = itertools.count(1)
+        self.train_session: BodyHandle | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # ------------------------------------------------------------------ training
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        params = [p for m in (self.head, self.tail) for p in m.parameters() if p.requires_grad]
+        if self.defense is not None:
+            params += [p for p in self.defense.parameters() if p.requires_grad]
+        return params
+
+    def start_training(self, config: SessionConfig, lr: float = 2e-4, weight_decay: float = 0.0) -> None:
+        self.train_session = self.transport.open(config)
+        params = self.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if params else None
+
+    def send(self, hidden: torch.Tensor, pad_lengths: torch.Tensor) -> torch.Tensor:
+        return self.defense(hidden, pad_lengths) if self.defense is not None else hidden
+
+    def loss_and_backward(self, batch: dict) -> tuple[torch.Tensor, int]:
+        """Forward head → body → tail and backward tail → body → head; gradients accumulate, no step."""
+        if self.train_session is None:
+            raise RuntimeError("call start_training() first")
+        ids, labels, pad = batch["input_ids"], batch["labels"], batch["pad_lengths"]
+        step_id = next(self._steps)
+        hidden = self.head(ids, pad)
+        sent = self.send(hidden, pad)
+        received = self.train_session.forward(step_id, sent.detach(), pad, 0).requires_grad_()
+        loss = lm_loss(self.tail(received, pad), labels)
+        loss.backward()
+        grad_out = received.grad
+        grad_sent = self.grad_defense(grad_out) if self.grad_defense is not None else grad_out
+        grad_in = self.train_session.backward(step_id, grad_sent)
+        # The head learns from what the body really returned; a defence with its own
+        # objective (MID's KL term) adds it here.
+        roots, grads = [], []
+        if sent.requires_grad:
+            roots, grads = [sent], [grad_in]
+        extra = self.defense.extra_loss() if self.defense is not None and hasattr(self.defense, "extra_loss") else None
+        if extra is not None and extra.requires_grad:
+            roots.append(extra)
+            grads.append(torch.ones_like(extra))
+        if roots:
+            torch.autograd.backward(roots, grads)
+        tokens = int((labels[:, 1:] != -100).sum())
+        return loss.detach(), tokens
+
+    def optimizer_step(self, clip_norm: float = 0.0) -> None:
+        if self.optimizer is not None:
+            if clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), clip_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.train_session.step(clip_norm)
+
+    def train_step(self, batch: dict, clip_norm: float = 0.0) -> StepResult:
+        loss, tokens = self.loss_and_backward(batch)
+        self.optimizer_step(clip_norm)
+        return StepResult(float(loss), tokens)
+
+    # ------------------------------------------------------------------ inference
+
+    def logits(self, input_ids: torch.Tensor, pad_lengths: torch.Tensor) -> torch.Tensor:
+        """One full forward (no cache): for scoring and evaluation."""
+        config = SessionConfig(span=self.span, mode="generate", max_length=input_ids.shape[1],
+                               max_batch=input_ids.shape[0])
+        session = self.transport.open(config)
+        try:
+            with torch.no_grad():
+                hidden = self.send(self.head(input_ids, pad_lengths), pad_lengths)
+                hidden = session.forward(0, hidden, pad_lengths, 0)
+                return self.tail(hidden, pad_lengths)
+        finally:
+            session.close()
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pad_lengths: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        eos_token_id: int | list[int] | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        on_token: Callable[[torch.Tensor], None] | None = None,
+        session: BodyHandle | None = None,
+        caches: tuple[KVCache, KVCache] | None = None,
+        offset: int = 0,
+    ) -> torch.Tensor:
+        """Prefill once, then one hidden vector per sequence each way per token.
+
+        Returns the new tokens [B, <= max_new_tokens]. Pass ``session``/``caches``/``offset``
+        to continue a conversation whose prefix is already cached on both sides.
+        """
+        batch, prompt_len = input_ids.shape
+        if pad_lengths is None:
+            pad_lengths = torch.zeros(batch, dtype=torch.long)
+        own_session = session is None
+        if own_session:
+            session = self.transport.open(
+                SessionConfig(span=self.span, mode="generate", max_length=prompt_len + max_new_tokens, max_batch=batch)
+            )
+        head_cache, tail_cache = caches or (KVCache(), KVCache())
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        finished = torch.zeros(batch, dtype=torch.bool)
+        out = []
+        try:
+            with torch.no_grad():
+                step_input = input_ids
+                for t in range(max_new_tokens):
+                    hidden = self.send(self.head(step_input, pad_lengths, head_cache, offset), pad_lengths)
+                    hidden = session.forward(t, hidden, pad_lengths, offset)
+                    logits = self.tail(hidden, pad_lengths, tail_cache, offset)[:, -1]
+                    offset += step_input.shape[1]
+                    token = sample(logits, temperature, top_p)
+                    if eos:
+                        fill = next(iter(eos))
+                        token = torch.where(finished, torch.full_like(token, fill), token)
+                        finished |= torch.isin(token, torch.tensor(sorted(eos)))
+                    out.append(token)
+                    if on_token is not None:
+                        on_token(token)
+                    if bool(finished.all()):
+                        break
+                    step_input = token.unsqueeze(1)
+        finally:
+            if own_session:
+                session.close()
+        return torch.stack(out, dim=1) if out else torch.zeros(batch, 0, dtype=torch.long)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0) -> torch.Tensor:
+    """Greedy when temperature is 0; otherwise temperature + nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1).squeeze(-1)
