@@ -65,20 +65,20 @@ CHATML_TEMPLATE = (
 )
 
 _TINY_SPECIALS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
-_TINY_CONFIG = dict(
-    vocab_size=300,  # > len(tokenizer) = 261, like the padded vocabularies of real models
-    hidden_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    max_position_embeddings=512,
-    tie_word_embeddings=False,
-    rms_norm_eps=1e-6,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+_TINY_CONFIG = {
+    "vocab_size": 300,  # > len(tokenizer) = 261, like the padded vocabularies of real models
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+    "rms_norm_eps": 1e-6,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 _TINY_SEED = 0
 
 
@@ -98,7 +98,9 @@ def cache_dir() -> Path:
 
 def check_supported(config: PretrainedConfig | Mapping) -> None:
     """Raise :class:`UnsupportedModelError` unless ``config.model_type`` is a supported family."""
-    model_type = config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
+    model_type = (
+        config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
+    )
     if model_type not in SUPPORTED_FAMILIES:
         raise UnsupportedModelError(
             f"model type {model_type!r} is not supported: fedsplit runs the decoder layers of "
@@ -202,6 +204,7 @@ def _atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         build(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is as readable as any other
         try:
             os.replace(tmp, target)
         except OSError:
@@ -247,7 +250,7 @@ def _from_hub(spec: str) -> Path:
         try:
             path = Path(snapshot_download(spec, allow_patterns=_HUB_PATTERNS, local_files_only=local_only))
             break
-        except Exception as err:  # hub errors come as OSError, ValueError or their own types
+        except (OSError, ValueError) as err:  # hub errors (not found, offline, bad id) are one of these
             errors.append(err)
     else:
         raise ModelSpecError(
@@ -342,7 +345,7 @@ def _convert_gguf(gguf: Path) -> Path:
     def build(out: Path) -> None:
         from transformers import GgufConfig
 
-        source = dict(pretrained_model_name_or_path=gguf.parent, gguf_file=gguf.name)
+        source = {"pretrained_model_name_or_path": gguf.parent, "gguf_file": gguf.name}
         try:
             config = AutoConfig.from_pretrained(**source)
         except Exception as err:

@@ -1,0 +1,120 @@
+"""Continuous batching of generation steps across sessions.
+
+Decode steps (one token per row) that wait while the body worker is busy are run
+together as one forward. Sessions have caches of different lengths; they are
+right-aligned by extra left padding — a row with ``L`` cached tokens in a batch whose
+longest cache is ``Lmax`` gets ``Lmax - L`` more pad positions, which the mask rule
+already excludes — and split back afterwards. A lone session pays nothing extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+
+import torch
+
+from ..model.segments import KVCache
+
+log = logging.getLogger(__name__)
+
+
+def _run_group(items) -> list[torch.Tensor]:
+    """One body forward for decode steps of sessions sharing a span and an adapter."""
+    sessions = [it[0] for it in items]
+    lengths = [s.cache.length for s in sessions]
+    longest = max(lengths)
+    merged = KVCache()
+    merged.length = longest
+    for layer in sessions[0].cache.layers:
+        keys, values = [], []
+        for s, length in zip(sessions, lengths):
+            k, v = s.cache.layers[layer]
+            shift = longest - length
+            keys.append(torch.nn.functional.pad(k, (0, 0, shift, 0)))
+            values.append(torch.nn.functional.pad(v, (0, 0, shift, 0)))
+        merged.layers[layer] = (torch.cat(keys), torch.cat(values))
+    hidden = torch.cat([it[1] for it in items])
+    pad = torch.cat([it[2] + (longest - length) for it, length in zip(items, lengths)])
+    first = sessions[0]
+    first.pool.activate(first.adapter)
+    with torch.no_grad():
+        out = first.body(hidden, pad, merged, longest, span=first.config.span)
+    results, row = [], 0
+    for s, length in zip(sessions, lengths):
+        rows = slice(row, row + s.cache_rows)
+        shift = longest - length
+        s.cache.layers = {i: (k[rows, :, shift:], v[rows, :, shift:]) for i, (k, v) in merged.layers.items()}
+        s.cache.length = length + 1
+        results.append(out[rows])
+        row += s.cache_rows
+    return results
+
+
+def run_batch(items) -> list[torch.Tensor | Exception]:
+    """Validate each step, group compatible ones, run each group once."""
+    results: list[torch.Tensor | Exception | None] = [None] * len(items)
+    groups = defaultdict(list)
+    for index, (session, hidden, pad, offset) in enumerate(items):
+        try:
+            session._check(hidden, pad, offset)
+        except Exception as exc:  # reported to that session only
+            results[index] = exc
+            continue
+        session.cache_rows = hidden.shape[0]
+        cached = bool(session.cache.layers) or session.config.span[0] == session.config.span[1]
+        key = (session.config.span, session.adapter) if cached else ("solo", index)
+        groups[key].append(index)
+    for key, indices in groups.items():
+        try:
+            if len(indices) == 1:
+                session, hidden, pad, offset = items[indices[0]]
+                outs = [session.forward(0, hidden, pad, offset)]
+            else:
+                outs = _run_group([items[i] for i in indices])
+            for i, out in zip(indices, outs):
+                results[i] = out
+        except Exception as exc:
+            log.exception("batched decode failed")
+            for i in indices:
+                results[i] = exc
+    return results
+
+
+class DecodeBatcher:
+    """Collects decode steps while the worker is busy; runs them as one batch when it frees up."""
+
+    def __init__(self, executor, window: float = 0.0) -> None:
+        self.executor = executor
+        self.window = window
+        self.pending: list = []
+        self._runner: asyncio.Task | None = None
+        self.batches = 0
+        self.rows = 0
+
+    async def submit(self, session, hidden, pad, offset) -> torch.Tensor:
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append(((session, hidden, pad, offset), future))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.pending:
+            batch, self.pending = self.pending, []
+            items = [item for item, _ in batch]
+            self.batches += 1
+            self.rows += len(items)
+            try:
+                results = await loop.run_in_executor(self.executor, run_batch, items)
+            except Exception as exc:  # pragma: no cover - run_batch reports per item
+                results = [exc] * len(items)
+            for (_, future), result in zip(batch, results):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)

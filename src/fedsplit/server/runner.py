@@ -1,0 +1,101 @@
+"""Start a server for ``fedsplit serve`` (until SIGTERM) or in a background thread (tests, demo, bench)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+
+from ..model.loading import load_config, model_fingerprint
+from ..model.split import load_part, num_layers
+from .auth import TokenStore
+from .service import ServerConfig, SplitServicer, start_server
+
+log = logging.getLogger(__name__)
+
+
+def build_servicer(config: ServerConfig, tokens_file: str | None = None, body=None) -> SplitServicer:
+    """Load only the held body layers and wrap them in the service."""
+    if body is None:
+        n = num_layers(load_config(config.model))
+        layers = config.layers or (0, n)
+        body = load_part(config.model, "body", span=layers)
+    tokens = TokenStore.load(tokens_file) if tokens_file else None
+    return SplitServicer(body, config, model_fingerprint(config.model), tokens)
+
+
+async def _evict_forever(servicer: SplitServicer, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        await servicer.evict_idle()
+
+
+async def serve_forever(servicer, config, tls_cert=None, tls_key=None, ready=None) -> None:
+    server, port = await start_server(servicer, config, tls_cert, tls_key)
+    log.info("serving layers %s of %s on %s:%d", list(servicer.body.span), config.model, config.host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (RuntimeError, ValueError):  # not the main thread
+            pass
+    evictor = asyncio.create_task(_evict_forever(servicer, min(30.0, config.session_ttl / 4)))
+    if ready is not None:
+        ready(port, stop, loop)
+    await stop.wait()
+    log.info("shutting down")
+    evictor.cancel()
+    await server.stop(grace=5)
+    servicer.executor.shutdown(wait=True)
+
+
+@dataclass
+class BackgroundServer:
+    """A server on a free loopback port in a thread; ``stop()`` shuts it down."""
+
+    servicer: SplitServicer
+    port: int
+    thread: threading.Thread
+    _stop: asyncio.Event
+    _loop: asyncio.AbstractEventLoop
+
+    @property
+    def address(self) -> str:
+        return f"{self.servicer.config.host}:{self.port}"
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self.thread.join(timeout=30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def start_background(servicer: SplitServicer, tls_cert=None, tls_key=None) -> BackgroundServer:
+    box: dict = {}
+    ready = threading.Event()
+
+    def on_ready(port, stop, loop):
+        box.update(port=port, stop=stop, loop=loop)
+        ready.set()
+
+    def run():
+        try:
+            asyncio.run(serve_forever(servicer, servicer.config, tls_cert, tls_key, on_ready))
+        except BaseException as exc:  # surface bind errors to the caller
+            box["error"] = exc
+            ready.set()
+
+    thread = threading.Thread(target=run, name="fedsplit-server", daemon=True)
+    thread.start()
+    ready.wait(timeout=60)
+    if "error" in box:
+        raise box["error"]
+    return BackgroundServer(servicer, box["port"], thread, box["stop"], box["loop"])
