@@ -64,8 +64,8 @@ def test_client_message_round_trips_through_bytes():
 def test_client_and_server_messages_have_the_documented_oneofs():
     client = [f.name for f in pb.ClientMessage.DESCRIPTOR.oneofs_by_name["kind"].fields]
     server = [f.name for f in pb.ServerMessage.DESCRIPTOR.oneofs_by_name["kind"].fields]
-    assert client == ["open", "forward", "backward", "step", "close"]
-    assert server == ["opened", "forward_result", "backward_result", "step_done", "error"]
+    assert client == ["open", "forward", "backward", "step", "close", "fetch_adapter", "put_adapter"]
+    assert server == ["opened", "forward_result", "backward_result", "step_done", "error", "adapter"]
     assert "seq" in pb.ClientMessage.DESCRIPTOR.fields_by_name
     assert "seq" in pb.ServerMessage.DESCRIPTOR.fields_by_name
 

@@ -129,5 +129,73 @@ def export(
         print(f"merged model written to {out / 'merged'}")
 
 
+def _parse_layers(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        fail(f"--layers takes A:B (e.g. 0:30), not {text!r}")
+    return start, end
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    t = text.strip().lower()
+    number = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(number):]
+    if unit not in units or not number:
+        fail(f"cannot read size {text!r}; use e.g. 4GiB or 512MiB")
+    return int(float(number) * units[unit])
+
+
+@app.command()
+def serve(
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    layers: Optional[str] = typer.Option(None, help="decoder layers A:B this server holds (default: all); "
+                                         "any client whose body span lies inside is served"),
+    host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
+    port: int = typer.Option(7070, help="port; 0 picks a free one"),
+    tls_cert: Optional[Path] = typer.Option(None, help="PEM certificate; with --tls-key enables TLS"),
+    tls_key: Optional[Path] = typer.Option(None, help="PEM private key"),
+    tokens: Optional[Path] = typer.Option(None, help="token file (`fedsplit token add`); every call then needs a "
+                                          "bearer token"),
+    memory_budget: str = typer.Option("4GiB", help="memory for session state (KV caches); admission refuses "
+                                      "sessions beyond it with RESOURCE_EXHAUSTED"),
+    session_ttl: float = typer.Option(600.0, help="seconds before an abandoned session is freed"),
+    graph_ttl: float = typer.Option(300.0, help="seconds a training forward waits for its backward"),
+    max_graphs: int = typer.Option(16, help="pending training forwards per session"),
+) -> None:
+    """Run the body of a split model as a gRPC service (until SIGTERM / Ctrl-C)."""
+    import asyncio
+
+    from ..server.runner import build_servicer, serve_forever
+    from ..server.service import ServerConfig
+
+    if (tls_cert is None) != (tls_key is None):
+        fail("TLS needs both --tls-cert and --tls-key")
+    config = ServerConfig(
+        model=model, layers=_parse_layers(layers), host=host, port=port, memory_budget=_parse_bytes(memory_budget),
+        session_ttl=session_ttl, graph_ttl=graph_ttl, max_graphs=max_graphs,
+    )
+    servicer = _open(build_servicer, config, str(tokens) if tokens else None)
+    asyncio.run(serve_forever(servicer, config, str(tls_cert) if tls_cert else None,
+                              str(tls_key) if tls_key else None))
+
+
+@token_app.command("add")
+def token_add(
+    name: str = typer.Argument(..., help="client id"),
+    tokens: Path = typer.Option(Path("fedsplit-tokens.txt"), help="token file the server reads"),
+) -> None:
+    """Create a token for a client; prints it once (only its hash is stored)."""
+    from ..server.auth import add_token
+
+    try:
+        print(add_token(tokens, name))
+    except ValueError as exc:
+        fail(str(exc))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

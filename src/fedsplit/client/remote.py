@@ -13,6 +13,7 @@ from ..server.session import SessionConfig
 from ..wire import codec
 from ..wire import fedsplit_pb2 as pb
 from ..wire import fedsplit_pb2_grpc as pb_grpc
+from ..wire.lora import lora_from_proto, lora_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,15 @@ class RemoteSession:
         if clip_norm > 0:
             step.grad_clip_norm = clip_norm
         self._request(pb.ClientMessage(step=step))
+
+    def adapter_state(self):
+        """The session's body LoRA: (LoraSettings, {name: tensor})."""
+        reply = self._request(pb.ClientMessage(fetch_adapter=pb.FetchAdapter()))
+        return lora_from_proto(reply.adapter.lora), codec.from_named_tensors(reply.adapter.tensors)
+
+    def put_adapter(self, settings, state) -> None:
+        self._request(pb.ClientMessage(put_adapter=pb.PutAdapter(
+            lora=lora_to_proto(settings), tensors=codec.named_tensors(state, "fp32"))))
 
     def close(self) -> None:
         if not getattr(self, "closed", True):

@@ -21,6 +21,7 @@ from ..model.segments import Body
 from ..wire import codec
 from ..wire import fedsplit_pb2 as pb
 from ..wire import fedsplit_pb2_grpc as pb_grpc
+from ..wire.lora import lora_from_proto, lora_to_proto
 from .adapters import AdapterPool
 from .auth import TokenStore, bearer
 from .batching import DecodeBatcher
@@ -166,10 +167,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_length must be between 1 and 1048576")
         span = (req.span_start, req.span_end)
         batch = req.max_batch_size or 1
-        lora = None
-        if req.HasField("lora") and req.lora.rank:
-            lora = LoraSettings(req.lora.rank, req.lora.alpha or 2.0 * req.lora.rank, req.lora.dropout,
-                                tuple(req.lora.target_modules) or LoraSettings().targets)
+        lora = lora_from_proto(req.lora) if req.HasField("lora") and req.lora.rank else None
         config = SessionConfig(
             span=span, mode=mode, max_length=req.max_length, max_batch=batch, lora=lora,
             lr=req.learning_rate if req.HasField("learning_rate") else 2e-4,
@@ -234,6 +232,16 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             clip = msg.step.grad_clip_norm if msg.step.HasField("grad_clip_norm") else 0.0
             await self._run(session.step, clip)
             return pb.ServerMessage(step_done=pb.StepDone(step_id=msg.step.step_id))
+        if kind == "fetch_adapter":
+            settings, state = await self._run(session.adapter_state)
+            return pb.ServerMessage(adapter=pb.AdapterState(
+                lora=lora_to_proto(settings), tensors=codec.named_tensors(state, "fp32")))
+        if kind == "put_adapter":
+            put = msg.put_adapter
+            limit = sum(p.numel() for p in self.body.parameters())
+            state = codec.from_named_tensors(put.tensors, max_elements=limit)
+            await self._run(session.put_adapter, lora_from_proto(put.lora), state)
+            return pb.ServerMessage(step_done=pb.StepDone())
         raise SessionError("INVALID_ARGUMENT", f"unexpected message {kind!r}")
 
     def _close(self, session: BodySession) -> None:

@@ -162,6 +162,21 @@ class BodySession:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def adapter_state(self) -> tuple[LoraSettings, dict[str, torch.Tensor]]:
+        if self.adapter is None:
+            raise SessionError("FAILED_PRECONDITION", "this session has no body adapter")
+        return self.pool.settings[self.adapter], self.pool.state_dict(self.adapter)
+
+    def put_adapter(self, settings: LoraSettings, state: dict[str, torch.Tensor]) -> None:
+        """Load body LoRA weights into this session's adapter (creating a private one if needed)."""
+        if self.adapter is None:
+            self.adapter = f"session_{self.id}"
+            self.pool.create(self.adapter, settings)
+        try:
+            self.pool.load_state_dict(self.adapter, state)
+        except KeyError as exc:
+            raise SessionError("INVALID_ARGUMENT", str(exc)) from None
+
     def _drop_stale(self) -> None:
         now = time.monotonic()
         for step_id in [s for s, g in self.graphs.items() if now - g.created > self.graph_ttl]:

@@ -52,20 +52,24 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ClientMessage(_message.Message):
-    __slots__ = ("seq", "open", "forward", "backward", "step", "close")
+    __slots__ = ("seq", "open", "forward", "backward", "step", "close", "fetch_adapter", "put_adapter")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     OPEN_FIELD_NUMBER: _ClassVar[int]
     FORWARD_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
+    FETCH_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PUT_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     seq: int
     open: OpenSession
     forward: Forward
     backward: Backward
     step: OptimizerStep
     close: Close
-    def __init__(self, seq: _Optional[int] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., forward: _Optional[_Union[Forward, _Mapping]] = ..., backward: _Optional[_Union[Backward, _Mapping]] = ..., step: _Optional[_Union[OptimizerStep, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
+    fetch_adapter: FetchAdapter
+    put_adapter: PutAdapter
+    def __init__(self, seq: _Optional[int] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., forward: _Optional[_Union[Forward, _Mapping]] = ..., backward: _Optional[_Union[Backward, _Mapping]] = ..., step: _Optional[_Union[OptimizerStep, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ..., fetch_adapter: _Optional[_Union[FetchAdapter, _Mapping]] = ..., put_adapter: _Optional[_Union[PutAdapter, _Mapping]] = ...) -> None: ...
 
 class LoraConfig(_message.Message):
     __slots__ = ("rank", "alpha", "dropout", "target_modules")
@@ -141,21 +145,43 @@ class Close(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class FetchAdapter(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PutAdapter(_message.Message):
+    __slots__ = ("lora", "tensors")
+    LORA_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    lora: LoraConfig
+    tensors: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
+class AdapterState(_message.Message):
+    __slots__ = ("lora", "tensors")
+    LORA_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    lora: LoraConfig
+    tensors: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
 class ServerMessage(_message.Message):
-    __slots__ = ("seq", "opened", "forward_result", "backward_result", "step_done", "error")
+    __slots__ = ("seq", "opened", "forward_result", "backward_result", "step_done", "error", "adapter")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     OPENED_FIELD_NUMBER: _ClassVar[int]
     FORWARD_RESULT_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_RESULT_FIELD_NUMBER: _ClassVar[int]
     STEP_DONE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     seq: int
     opened: SessionOpened
     forward_result: ForwardResult
     backward_result: BackwardResult
     step_done: StepDone
     error: Error
-    def __init__(self, seq: _Optional[int] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., forward_result: _Optional[_Union[ForwardResult, _Mapping]] = ..., backward_result: _Optional[_Union[BackwardResult, _Mapping]] = ..., step_done: _Optional[_Union[StepDone, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    adapter: AdapterState
+    def __init__(self, seq: _Optional[int] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., forward_result: _Optional[_Union[ForwardResult, _Mapping]] = ..., backward_result: _Optional[_Union[BackwardResult, _Mapping]] = ..., step_done: _Optional[_Union[StepDone, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., adapter: _Optional[_Union[AdapterState, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("session_id", "span_start", "span_end", "info", "resumed")
