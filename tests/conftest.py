@@ -6,12 +6,6 @@ import torch
 from fedsplit.model.loading import load_model
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    # Tests never touch the user's cache, but share one per session so tiny-llama is built once.
-    monkeypatch.setenv("FEDSPLIT_CACHE", str(tmp_path_factory.getbasetemp() / "fedsplit-cache"))
-
-
 @pytest.fixture
 def tiny():
     """(model, tokenizer) for the tiny random Llama, fp32, eval mode."""

@@ -204,7 +204,7 @@ def invert_vmi(
                 value.backward()
                 optimizer.step()
                 bar.update(1)
-            bar.set_postfix(loss=f"{float(value):.4f}")
+            bar.set_postfix(loss=f"{value.item():.4f}")
             result[rows] = x.detach()
     bar.close()
     ids = nearest_tokens(result, table, metric)
@@ -295,7 +295,7 @@ def invert_relaxation(
                 value.backward()
                 optimizer.step()
                 bar.update(1)
-            bar.set_postfix(loss=f"{float(value):.4f}")
+            bar.set_postfix(loss=f"{value.item():.4f}")
             best = z.detach().argmax(-1)
             result[rows] = cand[rows].gather(-1, best[..., None]).squeeze(-1) if cand is not None else best
     bar.close()

@@ -129,6 +129,105 @@ def export(
         print(f"merged model written to {out / 'merged'}")
 
 
+@app.command()
+def train(
+    server: Optional[str] = typer.Option(None, help="HOST:PORT of a fedsplit server (omit with --local)"),
+    local: bool = typer.Option(False, "--local", help="run the body in this process"),
+    centralized: bool = typer.Option(False, "--centralized", help="baseline: the unsplit model, one process, "
+                                     "same LoRA, no noise"),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    head_layers: int = typer.Option(2, help="p: decoder blocks in the client's head"),
+    tail_layers: int = typer.Option(2, help="q: decoder blocks in the client's tail"),
+    task: str = typer.Option("sentiment", help="task (sentiment, summarization, dialogue, jsonl, boolq, ...)"),
+    steps: int = typer.Option(200, help="optimizer steps"),
+    batch_size: int = typer.Option(8, help="examples per step"),
+    lr: float = typer.Option(2e-4, help="AdamW learning rate"),
+    max_length: int = typer.Option(128, help="token limit per example"),
+    max_examples: Optional[int] = typer.Option(None, help="cap on examples per split"),
+    noise: float = typer.Option(0.0, help="Gaussian noise std on hidden states sent (absolute; see "
+                                "--noise-relative)"),
+    noise_relative: bool = typer.Option(False, "--noise-relative", help="--noise is relative to each token's RMS"),
+    defense: Optional[str] = typer.Option(None, help="privacy defence spec, e.g. dp:clip=1,sigma=0.5 "
+                                          "(overrides --noise)"),
+    wire_dtype: str = typer.Option("fp16", help="fp32 | fp16 | bf16 | int8"),
+    seed: int = typer.Option(0, help="seed for data order, LoRA init and noise"),
+    eval_every: int = typer.Option(0, help="evaluate on the validation split every N steps"),
+    eval_examples: int = typer.Option(200, help="examples per evaluation"),
+    rank: int = typer.Option(8, help="LoRA rank"),
+    alpha: float = typer.Option(16.0, help="LoRA alpha"),
+    token: Optional[str] = typer.Option(None, envvar="FEDSPLIT_TOKEN", help="bearer token"),
+    tls_ca: Optional[Path] = typer.Option(None, help="CA certificate for TLS"),
+    out: Path = typer.Option(Path("runs/latest"), help="where adapters (head/, body/, tail/) and summary.json go"),
+) -> None:
+    """Fine-tune with LoRA: head/tail here, body LoRA on the server (or --local / --centralized)."""
+    from ..client.train import TrainConfig, run_training
+
+    if sum([server is not None, local, centralized]) != 1:
+        fail("give exactly one of --server HOST:PORT, --local or --centralized")
+    cfg = TrainConfig(
+        model=model, server=server, head_layers=head_layers, tail_layers=tail_layers, task=task, steps=steps,
+        batch_size=batch_size, lr=lr, max_length=max_length, max_examples=max_examples, noise=noise,
+        noise_relative=noise_relative, defense=defense, wire_dtype=wire_dtype, seed=seed, eval_every=eval_every,
+        eval_examples=eval_examples, rank=rank, alpha=alpha, centralized=centralized, token=token,
+        tls_ca=str(tls_ca) if tls_ca else None, out=str(out),
+    )
+    summary = _open(run_training, cfg)
+    print(f"{task}: {summary['after']}  ({summary['train_seconds']:.0f}s; adapters in {out})")
+
+
+def _report(figures: dict, json_path: Path | None, title: str) -> None:
+    """Print a two-column table; with --json write the figures as one flat JSON object."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in figures.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(figures, indent=2))
+        print(f"figures written to {json_path}")
+
+
+@bench_app.command("generate")
+def bench_generate(
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    new_tokens: int = typer.Option(128, help="tokens generated per run (greedy, batch 1)"),
+    head_layers: int = typer.Option(2, help="p"),
+    tail_layers: int = typer.Option(2, help="q"),
+    wire_dtype: str = typer.Option("fp16", help="fp32 | fp16 | bf16 | int8"),
+    context: int = typer.Option(512, help="prompt length for the cache vs no-cache comparison"),
+    no_cache_tokens: int = typer.Option(8, help="tokens timed for the cache vs no-cache comparison"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures to this JSON file"),
+) -> None:
+    """Split generation over loopback gRPC vs the unsplit model's generate, measured side by side."""
+    from ..bench.generate import run
+
+    _report(run(model, new_tokens, head_layers, tail_layers, wire_dtype, context, no_cache_tokens), json_out,
+            "fedsplit bench generate")
+
+
+@app.command()
+def demo(
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    steps: int = typer.Option(60, help="training steps"),
+    batch_size: int = typer.Option(8, help="examples per step"),
+    noise: float = typer.Option(0.02, help="Gaussian noise std on hidden states sent (relative to each "
+                                "token's RMS)"),
+    eval_examples: int = typer.Option(90, help="test examples for accuracy before and after"),
+    out: Path = typer.Option(Path("runs/demo"), help="where the demo's adapters go"),
+) -> None:
+    """The whole system in one go: server, split fine-tuning with noise, accuracy, generation, bytes."""
+    from ..bench.demo import run_demo
+
+    _open(run_demo, model, steps, batch_size, noise, eval_examples, out)
+
+
 def _parse_layers(text: str | None) -> tuple[int, int] | None:
     if not text:
         return None

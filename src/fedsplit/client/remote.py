@@ -127,9 +127,9 @@ class RemoteSession:
         if resume:
             request.resume_session_id = resume
         if config.lora is not None:
-            request.lora.CopyFrom(pb.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha,
-                                                dropout=config.lora.dropout,
-                                                target_modules=list(config.lora.targets)))
+            request.lora.CopyFrom(lora_to_proto(config.lora))
+            if config.seed is not None:
+                request.lora.seed = config.seed
         try:
             reply = self._request(pb.ClientMessage(open=request))
         except BaseException:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,7 +44,24 @@ def _has_targets(segment: nn.Module, settings: LoraSettings) -> bool:
     return any(name.rsplit(".", 1)[-1] in settings.targets for name, _ in segment.named_modules())
 
 
-def add_lora(segment: nn.Module, settings: LoraSettings | None = None) -> nn.Module:
+def seed_lora(module: nn.Module, seed: int, adapter: str = "default") -> None:
+    """Initialise every LoRA A matrix from (seed, its layer-global name); B stays zero.
+
+    The same layer gets the same initial adapter whichever segment — or process —
+    holds it, so split and centralized runs start identical.
+    """
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if f".lora_A.{adapter}." not in name:
+                continue
+            key = name.replace(f".{adapter}.", ".")
+            key = key[key.index("layers."):] if "layers." in key else key
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
+            bound = 1.0 / math.sqrt(param.shape[1])  # peft's kaiming_uniform(a=sqrt(5)) bound
+            param.copy_(torch.empty(param.shape).uniform_(-bound, bound, generator=gen))
+
+
+def add_lora(segment: nn.Module, settings: LoraSettings | None = None, seed: int | None = None) -> nn.Module:
     """Wrap the target linears of ``segment`` with LoRA in place; freeze everything else.
 
     A segment with no target modules (an embedding-only head, a norm+LM-head-only
@@ -53,6 +72,8 @@ def add_lora(segment: nn.Module, settings: LoraSettings | None = None) -> nn.Mod
         p.requires_grad_(False)
     if _has_targets(segment, settings):
         inject_adapter_in_model(settings.peft_config(), segment)
+        if seed is not None:
+            seed_lora(segment, seed)
     return segment
 
 
@@ -75,8 +96,14 @@ def load_lora_state_dict(segment: nn.Module, state: dict[str, torch.Tensor]) -> 
             raise ValueError(f"adapter has weights for modules this segment does not hold: {unexpected[:3]}…")
 
 
-def save_adapter(segment: nn.Module, directory: str | Path, settings: LoraSettings, **meta) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's format)."""
+def save_adapter(
+    segment: nn.Module | None, directory: str | Path, settings: LoraSettings,
+    state: dict[str, torch.Tensor] | None = None, **meta,
+) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's format).
+
+    Saves ``segment``'s LoRA weights, or ``state`` when given (e.g. a body adapter fetched from a server).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     settings.peft_config().save_pretrained(str(directory))
@@ -84,7 +111,8 @@ def save_adapter(segment: nn.Module, directory: str | Path, settings: LoraSettin
     config = json.loads(config_path.read_text())
     config["fedsplit"] = {"settings": {**asdict(settings), "targets": list(settings.targets)}, **meta}
     config_path.write_text(json.dumps(config, indent=2))
-    state = {k: v.contiguous() for k, v in lora_state_dict(segment).items()}
+    state = lora_state_dict(segment) if state is None else state
+    state = {k: v.contiguous() for k, v in state.items()}
     save_file(state, str(directory / ADAPTER_WEIGHTS))
     return directory
 

@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft import inject_adapter_in_model
 from torch import nn
 
-from ..model.lora import LoraSettings
+from ..model.lora import LoraSettings, seed_lora
 
 
 class AdapterPool:
@@ -34,9 +34,9 @@ class AdapterPool:
         if name in self.settings:
             raise ValueError(f"adapter {name!r} exists")
         with self.lock:
-            if seed is not None:
-                torch.manual_seed(seed)
             inject_adapter_in_model(settings.peft_config(), self.body, adapter_name=name)
+            if seed is not None:
+                seed_lora(self.body, seed, name)
             self.settings[name] = settings
             for pname, p in self.body.named_parameters():
                 if f".{name}." in pname:

@@ -172,6 +172,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             span=span, mode=mode, max_length=req.max_length, max_batch=batch, lora=lora,
             lr=req.learning_rate if req.HasField("learning_rate") else 2e-4,
             weight_decay=req.weight_decay if req.HasField("weight_decay") else 0.0,
+            seed=req.lora.seed if req.HasField("lora") and req.lora.HasField("seed") else None,
         )
         need = self._kv_bytes(span, req.max_length, batch) if mode == "generate" else 0
         if self.memory_in_use() + need > self.config.memory_budget:

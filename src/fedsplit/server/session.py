@@ -38,6 +38,7 @@ class SessionConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     adapter: str | None = None  # train: share a named adapter instead of a private one
+    seed: int | None = None  # LoRA init seed (same layer, same init, wherever it runs)
 
 
 @dataclass
@@ -82,9 +83,9 @@ class BodySession:
         if config.mode == "train":
             if self.adapter is None:
                 self.adapter = f"session_{self.id}"
-                pool.create(self.adapter, config.lora or LoraSettings())
+                pool.create(self.adapter, config.lora or LoraSettings(), config.seed)
             elif self.adapter not in pool.settings:
-                pool.create(self.adapter, config.lora or LoraSettings())
+                pool.create(self.adapter, config.lora or LoraSettings(), config.seed)
             self.optimizer = torch.optim.AdamW(
                 pool.parameters(self.adapter), lr=config.lr, weight_decay=config.weight_decay
             )

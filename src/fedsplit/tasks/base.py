@@ -99,7 +99,8 @@ def split_groups(
 
     Items sharing a group key (a conversation, a passage…) always land in the same part, so no
     group leaks across splits. With at least as many groups as parts every part gets one group.
-    Items keep their original order inside each part.
+    Each part lists its groups in shuffled order (items of one group stay together, in their
+    original order), so the first items of a part are a random sample of it.
     """
     keys: list[Hashable] = []
     members: dict[Hashable, list[int]] = {}
@@ -114,8 +115,7 @@ def split_groups(
     parts: list[list[T]] = []
     start = 0
     for count in counts:
-        idx = sorted(i for key in keys[start : start + count] for i in members[key])
-        parts.append([items[i] for i in idx])
+        parts.append([items[i] for key in keys[start : start + count] for i in members[key]])
         start += count
     return parts
 

@@ -72,16 +72,18 @@ class ClientMessage(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., forward: _Optional[_Union[Forward, _Mapping]] = ..., backward: _Optional[_Union[Backward, _Mapping]] = ..., step: _Optional[_Union[OptimizerStep, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ..., fetch_adapter: _Optional[_Union[FetchAdapter, _Mapping]] = ..., put_adapter: _Optional[_Union[PutAdapter, _Mapping]] = ...) -> None: ...
 
 class LoraConfig(_message.Message):
-    __slots__ = ("rank", "alpha", "dropout", "target_modules")
+    __slots__ = ("rank", "alpha", "dropout", "target_modules", "seed")
     RANK_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     rank: int
     alpha: float
     dropout: float
     target_modules: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
+    seed: int
+    def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
     __slots__ = ("model_fingerprint", "span_start", "span_end", "mode", "max_length", "wire_dtype", "lora", "learning_rate", "weight_decay", "resume_session_id", "max_batch_size")

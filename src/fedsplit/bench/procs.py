@@ -1,0 +1,55 @@
+"""Real server processes on free loopback ports, for the demo and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from ..client.remote import RemoteError, RemoteTransport, ServerUnreachable
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(model: str, *args: str, host: str = "127.0.0.1", timeout: float = 300.0, log_file=None):
+    """``fedsplit serve`` in a child process; yields its address; SIGTERM on exit."""
+    port = free_port(host)
+    cmd = [sys.executable, "-m", "fedsplit.cli.main", "serve", "--model", model, "--host", host,
+           "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=log_file or subprocess.DEVNULL, stderr=log_file or subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    address = f"{host}:{port}"
+    try:
+        probe = RemoteTransport(address, retries=0)
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {proc.returncode}: {' '.join(cmd)}")
+            try:
+                probe.info()
+                break
+            except RemoteError:  # it answers (e.g. UNAUTHENTICATED): it is up
+                break
+            except ServerUnreachable:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"server at {address} did not come up in {timeout:.0f}s") from None
+                time.sleep(0.5)
+        probe.close()
+        yield address, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,180 @@
+"""Fine-tuning runs: split (body local or remote) or centralized, same data, same seed, same LoRA."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..model.lora import LoraSettings, add_lora, save_adapter
+from ..model.loading import load_config, load_tokenizer, model_fingerprint
+from ..model.split import body_span, load_part, num_layers
+from ..server.session import SessionConfig
+from .core import LocalTransport, SplitClient, lm_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """One fine-tuning run; every field is a `fedsplit train` option."""
+
+    model: str = field(default="smollm2-135m", metadata={"help": "model spec"})
+    server: str | None = field(default=None, metadata={"help": "HOST:PORT; None = body in this process"})
+    head_layers: int = field(default=2, metadata={"help": "p"})
+    tail_layers: int = field(default=2, metadata={"help": "q"})
+    task: str = field(default="sentiment", metadata={"help": "task name (fedsplit.tasks)"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "examples per step"})
+    lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate (head, body and tail LoRA)"})
+    max_length: int = field(default=128, metadata={"help": "token limit per example"})
+    max_examples: int | None = field(default=None, metadata={"help": "cap on examples per split"})
+    noise: float = field(default=0.0, metadata={"help": "Gaussian noise std on the hidden states sent"})
+    noise_relative: bool = field(default=False, metadata={"help": "noise std relative to each token's RMS"})
+    defense: str | None = field(default=None, metadata={"help": "any fedsplit.privacy spec (overrides --noise)"})
+    wire_dtype: str = field(default="fp16", metadata={"help": "fp32 | fp16 | bf16 | int8"})
+    seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA init, noise)"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0 = only at the end)"})
+    eval_examples: int = field(default=200, metadata={"help": "test examples per evaluation"})
+    clip_norm: float = field(default=0.0, metadata={"help": "gradient clipping (0 = off; client and server "
+                                                                  "clip separately)"})
+    rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha"})
+    centralized: bool = field(default=False, metadata={"help": "train the unsplit model in one process"})
+    token: str | None = field(default=None, metadata={"help": "bearer token"})
+    tls_ca: str | None = field(default=None, metadata={"help": "CA certificate for TLS"})
+    out: str | None = field(default=None, metadata={"help": "output directory for adapters and history"})
+
+    @property
+    def lora(self) -> LoraSettings:
+        return LoraSettings(rank=self.rank, alpha=self.alpha)
+
+    def defense_spec(self) -> str | None:
+        if self.defense:
+            return self.defense
+        if self.noise > 0:
+            return f"gaussian:{self.noise}" + (":relative" if self.noise_relative else "")
+        return None
+
+
+def build_client(cfg: TrainConfig, transport=None) -> SplitClient:
+    """Head and tail with fresh LoRA (seeded), a defence, and a transport to the body."""
+    from ..privacy import parse_defense
+
+    n = num_layers(load_config(cfg.model))
+    p, q = (0, 0) if cfg.centralized else (cfg.head_layers, cfg.tail_layers)
+    span = body_span(n, p, q)
+    torch.manual_seed(cfg.seed)
+    head, tail = load_part(cfg.model, "head", p, q), load_part(cfg.model, "tail", p, q)
+    add_lora(head, cfg.lora, seed=cfg.seed)
+    add_lora(tail, cfg.lora, seed=cfg.seed)
+    if transport is None:
+        if cfg.server and not cfg.centralized:
+            from .remote import RemoteTransport
+
+            transport = RemoteTransport(cfg.server, token=cfg.token, tls_ca=cfg.tls_ca, wire_dtype=cfg.wire_dtype,
+                                        fingerprint=model_fingerprint(cfg.model))
+        else:
+            transport = LocalTransport(load_part(cfg.model, "body", span=span))
+    hidden = int(head.config.hidden_size)
+    defense = None if cfg.centralized else parse_defense(cfg.defense_spec(), hidden_size=hidden)
+    return SplitClient(head, tail, transport, span, defense=defense)
+
+
+def evaluate_client(client: SplitClient, task, tokenizer, split: str = "test", max_examples: int = 200) -> dict:
+    from ..tasks import evaluate
+
+    def logits_fn(ids, pad):
+        return client.logits(ids, pad)
+
+    def generate_fn(prompts, max_new_tokens):
+        from .api import left_pad
+
+        ids, pad = left_pad(prompts, tokenizer.pad_token_id)
+        out = client.generate(ids, pad, max_new_tokens, tokenizer.eos_token_id)
+        return [row.tolist() for row in out]
+
+    was_training = client.defense.training if client.defense is not None else None
+    if client.defense is not None:
+        client.defense.eval()
+    try:
+        return evaluate(task, tokenizer, logits_fn, generate_fn, split=split, max_examples=max_examples,
+                        progress=False)
+    finally:
+        if was_training:
+            client.defense.train()
+
+
+def run_training(cfg: TrainConfig, client: SplitClient | None = None, progress: bool = True,
+                 evaluate_before: bool = False) -> dict:
+    """Fine-tune; returns a summary (losses, metrics, bytes, seconds). Saves adapters under ``cfg.out``."""
+    from tqdm import tqdm
+
+    from ..tasks import iterate_batches, load_task
+
+    tokenizer = load_tokenizer(cfg.model)
+    task = load_task(cfg.task, max_examples=cfg.max_examples, seed=cfg.seed)
+    client = client or build_client(cfg)
+    summary: dict = {"config": asdict(cfg), "history": []}
+    if evaluate_before:
+        summary["before"] = evaluate_client(client, task, tokenizer, max_examples=cfg.eval_examples)
+        log.info("before training: %s", summary["before"])
+    torch.manual_seed(cfg.seed)
+    client.start_training(
+        SessionConfig(span=client.span, mode="train", max_length=cfg.max_length, max_batch=cfg.batch_size,
+                      lora=cfg.lora, lr=cfg.lr, seed=cfg.seed),
+        lr=cfg.lr,
+    )
+    traffic = getattr(client.transport, "traffic", None)
+    batches = iterate_batches(task.train, tokenizer, cfg.batch_size, seed=cfg.seed, max_length=cfg.max_length)
+    start, tokens_seen = time.perf_counter(), 0
+    bar = tqdm(range(1, cfg.steps + 1), desc="train", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        result = client.train_step(next(batches), cfg.clip_norm)
+        tokens_seen += result.tokens
+        elapsed = time.perf_counter() - start
+        record = {"step": step, "loss": result.loss, "seconds": elapsed}
+        postfix = {"loss": f"{result.loss:.3f}", "tok/s": f"{tokens_seen / elapsed:.0f}"}
+        if traffic is not None:
+            postfix.update(sent=_mib(traffic.sent), recv=_mib(traffic.received))
+        bar.set_postfix(postfix)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            record["eval"] = evaluate_client(client, task, tokenizer, split="val", max_examples=cfg.eval_examples)
+            log.info("step %d: %s", step, record["eval"])
+        summary["history"].append(record)
+    summary["train_seconds"] = time.perf_counter() - start
+    if traffic is not None:
+        summary["bytes_sent"], summary["bytes_received"] = traffic.sent, traffic.received
+        summary["bytes_per_step"] = (traffic.sent + traffic.received) / max(cfg.steps, 1)
+    summary["after"] = evaluate_client(client, task, tokenizer, max_examples=cfg.eval_examples)
+    if cfg.out:
+        save_run(client, cfg, summary)
+    return summary
+
+
+def save_run(client: SplitClient, cfg: TrainConfig, summary: dict) -> Path:
+    """head/, body/, tail/ adapters (peft format) + summary.json; `fedsplit export` reads this layout."""
+    out = Path(cfg.out)
+    meta = {"model": cfg.model, "head_layers": cfg.head_layers, "tail_layers": cfg.tail_layers}
+    save_adapter(client.head, out / "head", cfg.lora, **meta)
+    save_adapter(client.tail, out / "tail", cfg.lora, **meta)
+    session = client.train_session
+    if hasattr(session, "adapter_state"):
+        settings, state = session.adapter_state()
+        body_dir = out / "body"
+        save_adapter(None, body_dir, settings, state=state, **meta)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    log.info("saved adapters and summary to %s", out)
+    return out
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f}MiB"
+
+
+def centralized_loss(model, batch) -> torch.Tensor:
+    return lm_loss(model(batch["input_ids"]).logits, batch["labels"])
