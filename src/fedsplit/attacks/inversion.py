@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-DEFAULT_VMI_STEPS = 200
+DEFAULT_VMI_STEPS = 100
 DEFAULT_RELAX_STEPS = 200
 # Above this vocabulary size the relaxation searches a per-position candidate list, not the whole vocabulary.
 RELAX_FULL_VOCAB_MAX = 4096
@@ -134,9 +134,20 @@ def _match_loss(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, los
     return (per_token * mask).sum() / mask.sum().clamp_min(1)
 
 
-def _chunks(batch: int, size: int | None) -> list[slice]:
-    size = size or batch
-    return [slice(s, min(s + size, batch)) for s in range(0, batch, size)]
+def buckets(pad_lengths: torch.Tensor, size: int | None) -> list[tuple[torch.Tensor, int]]:
+    """Groups of rows of similar length: ``(row indices, leading columns that are pad in all of them)``.
+
+    Rows are sorted by length and cut into groups of ``size``; dropping the columns that
+    are padding in every row of a group is exact (positions and masks are rebuilt from
+    the reduced pad lengths) and saves the compute a short row would waste.
+    """
+    order = torch.argsort(pad_lengths, descending=True, stable=True)
+    size = size or len(order)
+    groups = []
+    for start in range(0, len(order), size):
+        rows = order[start : start + size]
+        groups.append((rows, int(pad_lengths[rows].min()) if len(rows) else 0))
+    return groups
 
 
 def invert_vmi(
@@ -145,9 +156,9 @@ def invert_vmi(
     pad_lengths: torch.Tensor | None = None,
     *,
     steps: int = DEFAULT_VMI_STEPS,
-    lr: float = 0.1,
+    lr: float = 2.0,
     loss: str = "cosine",
-    metric: str = "cosine",
+    metric: str = "l2",
     init: torch.Tensor | None = None,
     vocab_size: int | None = None,
     batch_size: int | None = 64,
@@ -190,22 +201,23 @@ def invert_vmi(
         start = init.detach().clone().to(table.dtype)
     mask = real_mask(pad_lengths, length).to(hidden.dtype)
     target = hidden.detach()
-    result = torch.empty_like(start)
-    chunks = _chunks(batch, batch_size)
-    bar = tqdm(total=steps * len(chunks), desc="vmi", disable=not progress, leave=False)
+    result = start.clone()
+    groups = buckets(pad_lengths, batch_size)
+    bar = tqdm(total=steps * len(groups), desc="vmi", disable=not progress, leave=False)
     with frozen(head):
-        for rows in chunks:
-            x = start[rows].clone().requires_grad_(True)
+        for rows, cut in groups:
+            x = start[rows, cut:].clone().requires_grad_(True)
+            rows_pad, rows_target, rows_mask = pad_lengths[rows] - cut, target[rows, cut:], mask[rows, cut:]
             optimizer = torch.optim.Adam([x], lr=lr * scale)
             for _ in range(steps):
                 optimizer.zero_grad(set_to_none=True)
-                out = head(inputs_embeds=x, pad_lengths=pad_lengths[rows])
-                value = _match_loss(out, target[rows], mask[rows], loss)
+                out = head(inputs_embeds=x, pad_lengths=rows_pad)
+                value = _match_loss(out, rows_target, rows_mask, loss)
                 value.backward()
                 optimizer.step()
                 bar.update(1)
             bar.set_postfix(loss=f"{value.item():.4f}")
-            result[rows] = x.detach()
+            result[rows, cut:] = x.detach()
     bar.close()
     ids = nearest_tokens(result, table, metric)
     return (ids, result) if return_embeds else ids
@@ -268,20 +280,22 @@ def invert_relaxation(
         cand = None
     mask = real_mask(pad_lengths, length).to(hidden.dtype)
     target = hidden.detach()
-    result = torch.empty(batch, length, dtype=torch.long)
-    chunks = _chunks(batch, batch_size)
+    result = torch.zeros(batch, length, dtype=torch.long)
+    groups = buckets(pad_lengths, batch_size)
     generator = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=steps * len(chunks), desc="relaxation", disable=not progress, leave=False)
+    bar = tqdm(total=steps * len(groups), desc="relaxation", disable=not progress, leave=False)
     with frozen(head):
-        for rows in chunks:
-            width = cand.shape[-1] if cand is not None else vocab
-            n_rows = rows.stop - rows.start
-            z = 0.01 * torch.randn(n_rows, length, width, generator=generator, dtype=table.dtype)
+        for rows, cut in groups:
+            rows_pad, rows_target, rows_mask = pad_lengths[rows] - cut, target[rows, cut:], mask[rows, cut:]
+            rows_cand = cand[rows, cut:] if cand is not None else None
+            width = rows_cand.shape[-1] if rows_cand is not None else vocab
+            z = 0.01 * torch.randn(len(rows), length - cut, width, generator=generator, dtype=table.dtype)
             if init_ids is not None:
-                hit = (cand[rows] == init_ids[rows, :, None]) if cand is not None else F.one_hot(init_ids[rows], vocab)
+                guess = init_ids[rows, cut:]
+                hit = (rows_cand == guess[..., None]) if rows_cand is not None else F.one_hot(guess, vocab)
                 z = z + 2.0 * temperature * hit.to(z.dtype)
             z.requires_grad_(True)
-            rows_table = table[cand[rows]] if cand is not None else None  # [b, T, K, H]
+            rows_table = table[rows_cand] if rows_cand is not None else None  # [b, T, K, H]
             optimizer = torch.optim.Adam([z], lr=lr)
             for _ in range(steps):
                 optimizer.zero_grad(set_to_none=True)
@@ -290,13 +304,15 @@ def invert_relaxation(
                     x = torch.einsum("btk,btkh->bth", weights, rows_table)
                 else:
                     x = weights @ table
-                out = head(inputs_embeds=x, pad_lengths=pad_lengths[rows])
-                value = _match_loss(out, target[rows], mask[rows], loss)
+                out = head(inputs_embeds=x, pad_lengths=rows_pad)
+                value = _match_loss(out, rows_target, rows_mask, loss)
                 value.backward()
                 optimizer.step()
                 bar.update(1)
             bar.set_postfix(loss=f"{value.item():.4f}")
             best = z.detach().argmax(-1)
-            result[rows] = cand[rows].gather(-1, best[..., None]).squeeze(-1) if cand is not None else best
+            if rows_cand is not None:
+                best = rows_cand.gather(-1, best[..., None]).squeeze(-1)
+            result[rows, cut:] = best
     bar.close()
     return result

@@ -6,8 +6,10 @@ See docs/tasks.md.
 """
 
 from .base import Example, Task, TaskError
+from .benchmarks import HF_TASKS, HFSpec
 from .evaluate import GenerateFn, decode_answer, evaluate, generate_answers
-from .hf import HF_TASKS, load_hf_task
+from .hf import load_hf_task
+from .jsonl import load_jsonl
 from .metrics import (
     LogitsFn,
     accuracy_by_label_words,
@@ -20,7 +22,7 @@ from .metrics import (
     rouge_scores,
     token_f1,
 )
-from .offline import load_dialogue, load_jsonl, load_sentiment, load_summarization
+from .offline import load_dialogue, load_sentiment, load_summarization
 from .partition import label_histogram, label_skew, partition, partition_indices
 from .prompts import (
     IGNORE_INDEX,
@@ -41,6 +43,7 @@ __all__ = [
     "Encoded",
     "Example",
     "GenerateFn",
+    "HFSpec",
     "LogitsFn",
     "Task",
     "TaskError",

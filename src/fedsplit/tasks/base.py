@@ -15,6 +15,7 @@ T = TypeVar("T")
 KINDS = ("classification", "generation", "qa", "dialogue")
 METRIC_OF_KIND = {"classification": "accuracy", "generation": "rougeL", "qa": "f1", "dialogue": "perplexity"}
 SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train/val/test shares where a data set has no split of its own
 
 
 class TaskError(ValueError):

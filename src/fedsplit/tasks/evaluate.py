@@ -98,18 +98,31 @@ def evaluate(
     log.info("evaluating %s on %d %s examples", task.name, len(examples), split)
     if task.kind == "classification":
         acc = accuracy_by_label_words(
-            examples, tokenizer, logits_fn, task.label_words or [], batch_size=batch_size, max_length=length,
+            examples,
+            tokenizer,
+            logits_fn,
+            task.label_words or [],
+            batch_size=batch_size,
+            max_length=length,
             progress=progress,
         )
         return {"accuracy": acc}
     if task.kind == "dialogue":
-        ppl = perplexity(examples, tokenizer, logits_fn, batch_size=batch_size, max_length=length, progress=progress)
+        ppl = perplexity(
+            examples, tokenizer, logits_fn, batch_size=batch_size, max_length=length, progress=progress
+        )
         return {"perplexity": ppl}
     if generate_fn is None:
         raise ValueError(f"task {task.name!r} ({task.kind}) is scored on generated text: pass generate_fn")
     preds = generate_answers(
-        examples, tokenizer, generate_fn, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        max_length=length, first_line=task.kind == "qa", progress=progress,
+        examples,
+        tokenizer,
+        generate_fn,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        max_length=length,
+        first_line=task.kind == "qa",
+        progress=progress,
     )
     refs = [ex.references() for ex in examples]
     if task.kind == "qa":

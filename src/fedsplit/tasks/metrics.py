@@ -169,7 +169,9 @@ def predict_label_words(
     if not label_words:
         raise ValueError("label_words is empty")
     encoded = [
-        _label_word_encoding(tokenizer, ex.prompt, word, max_length) for ex in examples for word in label_words
+        _label_word_encoding(tokenizer, ex.prompt, word, max_length)
+        for ex in examples
+        for word in label_words
     ]
     scores = answer_log_likelihoods(
         encoded, logits_fn, pad_id_of(tokenizer), batch_size=batch_size, progress=progress, desc="label words"
@@ -193,7 +195,13 @@ def accuracy_by_label_words(
     if not labelled:
         raise ValueError("accuracy_by_label_words needs examples with a label")
     preds = predict_label_words(
-        labelled, tokenizer, logits_fn, label_words, batch_size=batch_size, max_length=max_length, progress=progress
+        labelled,
+        tokenizer,
+        logits_fn,
+        label_words,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
     )
     return sum(int(p == ex.label) for p, ex in zip(preds, labelled)) / len(labelled)
 

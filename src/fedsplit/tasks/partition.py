@@ -23,9 +23,13 @@ def parse_scheme(scheme: str) -> tuple[str, float | None]:
         except ValueError:
             alpha = float("nan")
         if not alpha > 0 or not np.isfinite(alpha):
-            raise ValueError(f"dirichlet needs a positive concentration, e.g. 'dirichlet:0.5'; got {scheme!r}")
+            raise ValueError(
+                f"dirichlet needs a positive concentration, e.g. 'dirichlet:0.5'; got {scheme!r}"
+            )
         return "dirichlet", alpha
-    raise ValueError(f"unknown partition scheme {scheme!r}; use 'iid' or 'dirichlet:ALPHA' (e.g. 'dirichlet:0.5')")
+    raise ValueError(
+        f"unknown partition scheme {scheme!r}; use 'iid' or 'dirichlet:ALPHA' (e.g. 'dirichlet:0.5')"
+    )
 
 
 def iid_indices(n: int, n_clients: int, rng: np.random.Generator) -> list[list[int]]:
@@ -56,7 +60,9 @@ def dirichlet_indices(
         if all(parts):
             break
     else:
-        log.debug("dirichlet(alpha=%g): moving examples to clients left empty after %d draws", alpha, max_tries)
+        log.debug(
+            "dirichlet(alpha=%g): moving examples to clients left empty after %d draws", alpha, max_tries
+        )
         for empty in [i for i, p in enumerate(parts) if not p]:
             donor = max(range(n_clients), key=lambda i: len(parts[i]))
             parts[empty].append(parts[donor].pop())
@@ -82,7 +88,9 @@ def partition_indices(
     return iid_indices(n, n_clients, rng)
 
 
-def partition(examples: Sequence[Example], n_clients: int, scheme: str = "iid", *, seed: int = 0) -> list[list[Example]]:
+def partition(
+    examples: Sequence[Example], n_clients: int, scheme: str = "iid", *, seed: int = 0
+) -> list[list[Example]]:
     """Split ``examples`` among ``n_clients``: each example goes to exactly one client, none is empty.
 
     ``scheme`` is ``"iid"`` (sizes differ by at most one) or ``"dirichlet:ALPHA"`` (label skew; tasks

@@ -57,7 +57,8 @@ def format_answer(tokenizer: Any, prompt: str, completion: str) -> str:
     global _warned_prefix
     if has_chat_template(tokenizer):
         full = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], tokenize=False
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+            tokenize=False,
         )
         head = format_prompt(tokenizer, prompt)
         if full.startswith(head):
@@ -79,7 +80,9 @@ def text_ids(tokenizer: Any, text: str, *, bos: bool) -> list[int]:
     if bos and not has_chat_template(tokenizer):
         probe = list(tokenizer("a", add_special_tokens=False)["input_ids"])
         full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
-        front = next((full[:k] for k in range(len(full) - len(probe) + 1) if full[k : k + len(probe)] == probe), [])
+        front = next(
+            (full[:k] for k in range(len(full) - len(probe) + 1) if full[k : k + len(probe)] == probe), []
+        )
         ids = front + ids
     return ids
 

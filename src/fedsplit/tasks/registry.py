@@ -6,8 +6,10 @@ import logging
 from typing import Any
 
 from .base import Task, TaskError, check_max_examples
-from .hf import HF_TASKS, load_hf_task
-from .offline import load_dialogue, load_jsonl, load_sentiment, load_summarization
+from .benchmarks import HF_TASKS
+from .hf import load_hf_task
+from .jsonl import load_jsonl
+from .offline import load_dialogue, load_sentiment, load_summarization
 
 log = logging.getLogger(__name__)
 
