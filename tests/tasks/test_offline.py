@@ -138,3 +138,19 @@ def test_unknown_task_lists_the_names():
 def test_example_references_default_to_the_completion():
     assert Example("p", "c").references() == ["c"]
     assert Example("p", "c", answers=["c", "d"]).references() == ["c", "d"]
+
+
+def test_jsonl_folder_keeps_its_split_files(tmp_path):
+    for split, n in (("train", 6), ("validation", 2), ("test", 3)):
+        (tmp_path / f"{split}.jsonl").write_text(
+            "\n".join(json.dumps({"prompt": f"{split} {i}", "completion": "x"}) for i in range(n))
+        )
+    task = load_task("jsonl", path=str(tmp_path))
+    assert task.sizes() == {"train": 6, "val": 2, "test": 3}
+    assert all(ex.prompt.startswith("validation") for ex in task.val)
+
+
+@pytest.mark.parametrize("max_examples", [0, -3])
+def test_non_positive_max_examples_is_rejected(max_examples):
+    with pytest.raises(TaskError, match="max_examples"):
+        load_task("summarization", max_examples=max_examples)

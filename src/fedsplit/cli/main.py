@@ -9,7 +9,9 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated split learning and inference of LLMs.")
+from .errors import FedsplitCLI
+
+app = FedsplitCLI(add_completion=False, no_args_is_help=True, help="Federated split learning and inference of LLMs.")
 token_app = typer.Typer(no_args_is_help=True, help="Manage client tokens for `fedsplit serve --tokens`.")
 bench_app = typer.Typer(no_args_is_help=True, help="Reproducible measurements (ratios measured side by side).")
 app.add_typer(token_app, name="token")
@@ -131,6 +133,7 @@ def export(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     server: Optional[str] = typer.Option(None, help="HOST:PORT of a fedsplit server (omit with --local)"),
     local: bool = typer.Option(False, "--local", help="run the body in this process"),
     centralized: bool = typer.Option(False, "--centralized", help="baseline: the unsplit model, one process, "
@@ -158,21 +161,45 @@ def train(
     token: Optional[str] = typer.Option(None, envvar="FEDSPLIT_TOKEN", help="bearer token"),
     tls_ca: Optional[Path] = typer.Option(None, help="CA certificate for TLS"),
     out: Path = typer.Option(Path("runs/latest"), help="where adapters (head/, body/, tail/) and summary.json go"),
+    checkpoint_every: int = typer.Option(0, help="every K steps save head/tail LoRA, optimizer and data position "
+                                         "under OUT/checkpoints and ask the server to checkpoint the body"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in OUT from the last step client and "
+                                "server both hold"),
+    run_id: Optional[str] = typer.Option(None, help="name of the run on the server (default: random, kept in "
+                                         "OUT/run.json)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML or YAML file of train options (the fields "
+                                          "of TrainConfig); options on the command line win"),
 ) -> None:
     """Fine-tune with LoRA: head/tail here, body LoRA on the server (or --local / --centralized)."""
     from ..client.train import TrainConfig, run_training
 
-    if sum([server is not None, local, centralized]) != 1:
-        fail("give exactly one of --server HOST:PORT, --local or --centralized")
-    cfg = TrainConfig(
+    values = dict(
         model=model, server=server, head_layers=head_layers, tail_layers=tail_layers, task=task, steps=steps,
         batch_size=batch_size, lr=lr, max_length=max_length, max_examples=max_examples, noise=noise,
         noise_relative=noise_relative, defense=defense, wire_dtype=wire_dtype, seed=seed, eval_every=eval_every,
         eval_examples=eval_examples, rank=rank, alpha=alpha, centralized=centralized, token=token,
-        tls_ca=str(tls_ca) if tls_ca else None, out=str(out),
+        tls_ca=str(tls_ca) if tls_ca else None, out=str(out), checkpoint_every=checkpoint_every, resume=resume,
+        run_id=run_id,
     )
+    if config is not None:
+        values.update(_from_config_file(ctx, config, TrainConfig, "train", values))
+        server, centralized = values["server"], values["centralized"]
+    if sum([server is not None, local, centralized]) != 1:
+        fail("give exactly one of --server HOST:PORT, --local or --centralized")
+    cfg = TrainConfig(**values)
     summary = _open(run_training, cfg)
     print(f"{task}: {summary['after']}  ({summary['train_seconds']:.0f}s; adapters in {out})")
+
+
+def _from_config_file(ctx: typer.Context, path: Path, cls, section: str, cli_values: dict) -> dict:
+    """Values from a config file, except those given on the command line (or by environment variable)."""
+    from click.core import ParameterSource
+
+    from .config import load_dataclass_file
+
+    given = {ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT}
+    values = load_dataclass_file(path, cls, section)
+    return {k: v for k, v in values.items() if k not in cli_values or ctx.get_parameter_source(k) not in given}
 
 
 def _report(figures: dict, json_path: Path | None, title: str) -> None:
@@ -264,6 +291,10 @@ def serve(
     session_ttl: float = typer.Option(600.0, help="seconds before an abandoned session is freed"),
     graph_ttl: float = typer.Option(300.0, help="seconds a training forward waits for its backward"),
     max_graphs: int = typer.Option(16, help="pending training forwards per session"),
+    checkpoint_dir: Optional[Path] = typer.Option(None, help="checkpoint training runs (clients' --run-id) here, "
+                                                  "so they survive a server restart"),
+    checkpoint_every: int = typer.Option(100, help="checkpoint each run every K optimizer steps (and on SIGTERM)"),
+    checkpoint_keep: int = typer.Option(3, help="checkpoints kept per run"),
 ) -> None:
     """Run the body of a split model as a gRPC service (until SIGTERM / Ctrl-C)."""
     import asyncio
@@ -276,6 +307,8 @@ def serve(
     config = ServerConfig(
         model=model, layers=_parse_layers(layers), host=host, port=port, memory_budget=_parse_bytes(memory_budget),
         session_ttl=session_ttl, graph_ttl=graph_ttl, max_graphs=max_graphs,
+        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, checkpoint_every=checkpoint_every,
+        checkpoint_keep=checkpoint_keep,
     )
     servicer = _open(build_servicer, config, str(tokens) if tokens else None)
     asyncio.run(serve_forever(servicer, config, str(tls_cert) if tls_cert else None,

@@ -54,11 +54,14 @@ class SplitModelForCausalLM:
         defense=None,
         adapters: str | Path | None = None,
         lora: LoraSettings | None = None,
+        reconnect: bool = True,
     ) -> "SplitModelForCausalLM":
         """Load head and tail of ``spec``; ``server=None`` loads the body here too.
 
         ``adapters`` is a directory with ``head/`` and ``tail/`` adapters (as ``fedsplit train`` writes).
         ``lora`` adds fresh trainable adapters (for fine-tuning).
+        ``reconnect`` (remote only): a generation whose server restarts reconnects and replays what it
+        sent, then continues the same output (:mod:`fedsplit.client.resilience`).
         """
         config = load_config(spec)
         span = body_span(num_layers(config), head_layers, tail_layers)
@@ -80,6 +83,10 @@ class SplitModelForCausalLM:
             transport = RemoteTransport(
                 server, token=token, tls_ca=tls_ca, wire_dtype=wire_dtype, fingerprint=model_fingerprint(spec)
             )
+            if reconnect:
+                from .resilience import ReplayingTransport
+
+                transport = ReplayingTransport(transport)
         client = SplitClient(head, tail, transport, span, defense=defense)
         return cls(client, load_tokenizer(spec), spec, head_layers, tail_layers)
 

@@ -131,17 +131,21 @@ class SplitClient:
         tokens = int((labels[:, 1:] != -100).sum())
         return loss.detach(), tokens
 
-    def optimizer_step(self, clip_norm: float = 0.0) -> None:
+    def optimizer_step(self, clip_norm: float = 0.0, checkpoint: bool = False) -> None:
+        """Step the head/tail optimiser and the body's; ``checkpoint`` asks the server to save the run too."""
         if self.optimizer is not None:
             if clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), clip_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.train_session.step(clip_norm)
+        if checkpoint:
+            self.train_session.step(clip_norm, checkpoint=True)
+        else:
+            self.train_session.step(clip_norm)
 
-    def train_step(self, batch: dict, clip_norm: float = 0.0) -> StepResult:
+    def train_step(self, batch: dict, clip_norm: float = 0.0, checkpoint: bool = False) -> StepResult:
         loss, tokens = self.loss_and_backward(batch)
-        self.optimizer_step(clip_norm)
+        self.optimizer_step(clip_norm, checkpoint)
         return StepResult(float(loss), tokens)
 
     # ------------------------------------------------------------------ inference

@@ -55,13 +55,18 @@ class RemoteTransport:
         fingerprint: str = "",
         retries: int = 4,
         backoff: float = 0.5,
-        timeout: float = 600.0,
+        timeout: float | None = None,
         max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.address, self.token, self.wire_dtype, self.fingerprint = address, token, wire_dtype, fingerprint
         self.retries, self.backoff, self.timeout = retries, backoff, timeout
         self.traffic = Traffic()
-        options = codec.channel_options(max_message_bytes)
+        # Reconnect quickly after a server restart instead of gRPC's default backoff of up to two minutes.
+        # A session stream has no deadline (``timeout`` = None; training runs last days); keepalive pings
+        # notice a server that vanished without closing the connection.
+        options = codec.channel_options(max_message_bytes) + [
+            ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 5_000),
+            ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000)]
         if tls_ca:
             with open(tls_ca, "rb") as f:
                 creds = grpc.ssl_channel_credentials(root_certificates=f.read())
@@ -126,6 +131,9 @@ class RemoteSession:
         )
         if resume:
             request.resume_session_id = resume
+        if config.run_id:
+            request.run_id = config.run_id
+            request.resume_steps.extend(int(s) for s in config.resume_steps)
         if config.lora is not None:
             request.lora.CopyFrom(lora_to_proto(config.lora))
             if config.seed is not None:
@@ -136,6 +144,9 @@ class RemoteSession:
             self._outbox.put(None)
             raise
         self.id = reply.opened.session_id
+        self.resumed = reply.opened.resumed
+        self.opened_step = int(reply.opened.step)  # a run_id session continues from this optimiser step
+        self.last_stats: dict[str, float] = {}
         self.closed = False
 
     def _request(self, msg: pb.ClientMessage) -> pb.ServerMessage:
@@ -173,11 +184,13 @@ class RemoteSession:
             step_id=step_id, grad=codec.encode_tensor(grad, self.transport.wire_dtype))))
         return codec.decode_tensor(reply.backward_result.grad, out_dtype=grad.dtype)
 
-    def step(self, clip_norm: float = 0.0) -> None:
-        step = pb.OptimizerStep(step_id=self._seq)
+    def step(self, clip_norm: float = 0.0, checkpoint: bool = False) -> None:
+        """Apply the body update; ``checkpoint`` asks the server to save the run too (see ``last_stats``)."""
+        step = pb.OptimizerStep(step_id=self._seq, checkpoint=checkpoint)
         if clip_norm > 0:
             step.grad_clip_norm = clip_norm
-        self._request(pb.ClientMessage(step=step))
+        reply = self._request(pb.ClientMessage(step=step))
+        self.last_stats = dict(reply.step_done.stats)
 
     def adapter_state(self):
         """The session's body LoRA: (LoraSettings, {name: tensor})."""

@@ -48,6 +48,12 @@ class TrainConfig:
     token: str | None = field(default=None, metadata={"help": "bearer token"})
     tls_ca: str | None = field(default=None, metadata={"help": "CA certificate for TLS"})
     out: str | None = field(default=None, metadata={"help": "output directory for adapters and history"})
+    checkpoint_every: int = field(default=0, metadata={"help": "checkpoint head/tail (and ask the server to "
+                                                              "checkpoint the body) every K steps under out/"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in out/ from the last step "
+                                                          "client and server both hold"})
+    run_id: str | None = field(default=None, metadata={"help": "name of the run on the server (default: random, "
+                                                               "kept in out/run.json)"})
 
     @property
     def lora(self) -> LoraSettings:
@@ -124,17 +130,20 @@ def run_training(cfg: TrainConfig, client: SplitClient | None = None, progress: 
         summary["before"] = evaluate_client(client, task, tokenizer, max_examples=cfg.eval_examples)
         log.info("before training: %s", summary["before"])
     torch.manual_seed(cfg.seed)
-    client.start_training(
-        SessionConfig(span=client.span, mode="train", max_length=cfg.max_length, max_batch=cfg.batch_size,
-                      lora=cfg.lora, lr=cfg.lr, seed=cfg.seed),
-        lr=cfg.lr,
-    )
+    session_config = SessionConfig(span=client.span, mode="train", max_length=cfg.max_length,
+                                   max_batch=cfg.batch_size, lora=cfg.lora, lr=cfg.lr, seed=cfg.seed)
+    trainer, first = None, 1
+    if cfg.checkpoint_every > 0 or cfg.resume:  # fedsplit.client.checkpointing: survives restarts
+        trainer = resilient_trainer(cfg, client, session_config, task, tokenizer)
+        first = trainer.start(resume=cfg.resume) + 1
+    else:
+        client.start_training(session_config, lr=cfg.lr)
     traffic = getattr(client.transport, "traffic", None)
     batches = iterate_batches(task.train, tokenizer, cfg.batch_size, seed=cfg.seed, max_length=cfg.max_length)
     start, tokens_seen = time.perf_counter(), 0
-    bar = tqdm(range(1, cfg.steps + 1), desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(first, cfg.steps + 1), desc="train", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        result = client.train_step(next(batches), cfg.clip_norm)
+        result = trainer.train_step() if trainer else client.train_step(next(batches), cfg.clip_norm)
         tokens_seen += result.tokens
         elapsed = time.perf_counter() - start
         record = {"step": step, "loss": result.loss, "seconds": elapsed}
@@ -154,6 +163,24 @@ def run_training(cfg: TrainConfig, client: SplitClient | None = None, progress: 
     if cfg.out:
         save_run(client, cfg, summary)
     return summary
+
+
+def resilient_trainer(cfg: TrainConfig, client: SplitClient, session_config: SessionConfig, task, tokenizer):
+    """A :class:`~fedsplit.client.checkpointing.ResilientTrainer` checkpointing under ``cfg.out/checkpoints``."""
+    from dataclasses import replace
+
+    from ..tasks import iterate_batches
+    from .checkpointing import ClientCheckpointer, ResilientTrainer, run_id_for
+
+    if not cfg.out:
+        raise ValueError("checkpoints need an output directory (--out)")
+    run_id = run_id_for(cfg.out, cfg.resume, cfg.run_id)
+    return ResilientTrainer(
+        client, replace(session_config, run_id=run_id),
+        lambda: iterate_batches(task.train, tokenizer, cfg.batch_size, seed=cfg.seed, max_length=cfg.max_length),
+        ClientCheckpointer(Path(cfg.out) / "checkpoints", cfg.checkpoint_every),
+        lr=cfg.lr, clip_norm=cfg.clip_norm,
+    )
 
 
 def save_run(client: SplitClient, cfg: TrainConfig, summary: dict) -> Path:

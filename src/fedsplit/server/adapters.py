@@ -34,6 +34,9 @@ class AdapterPool:
         if name in self.settings:
             raise ValueError(f"adapter {name!r} exists")
         with self.lock:
+            if not any(n.rsplit(".", 1)[-1] in settings.targets for n, _ in self.body.named_modules()):
+                self.settings[name] = settings  # an empty body span: nothing to adapt
+                return
             inject_adapter_in_model(settings.peft_config(), self.body, adapter_name=name)
             if seed is not None:
                 seed_lora(self.body, seed, name)

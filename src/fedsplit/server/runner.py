@@ -49,6 +49,9 @@ async def serve_forever(servicer, config, tls_cert=None, tls_key=None, ready=Non
     log.info("shutting down")
     evictor.cancel()
     await server.stop(grace=5)
+    saved = await servicer.checkpoint_all()  # streams are gone; the worker finishes any step first
+    if saved:
+        log.info("checkpointed %d training run(s) on shutdown", saved)
     servicer.executor.shutdown(wait=True)
 
 

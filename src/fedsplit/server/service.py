@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from ..wire.lora import lora_from_proto, lora_to_proto
 from .adapters import AdapterPool
 from .auth import TokenStore, bearer
 from .batching import DecodeBatcher
+from .checkpoint import RunCheckpoints, check_run_id, run_adapter_name
 from .session import BodySession, SessionConfig, SessionError
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,10 @@ class ServerConfig:
     max_graphs: int = field(default=16, metadata={"help": "pending training forwards per session"})
     max_message_bytes: int = field(default=codec.DEFAULT_MAX_MESSAGE_BYTES, metadata={"help": "largest message"})
     batch_window_ms: float = field(default=2.0, metadata={"help": "wait for other sessions' decode steps"})
+    checkpoint_dir: str | None = field(default=None, metadata={"help": "where training runs (OpenSession.run_id) "
+                                                                        "are checkpointed; None = nowhere"})
+    checkpoint_every: int = field(default=100, metadata={"help": "checkpoint each run every K optimiser steps"})
+    checkpoint_keep: int = field(default=3, metadata={"help": "checkpoints kept per run"})
 
 
 def _status(name: str) -> grpc.StatusCode:
@@ -61,6 +67,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         self.batcher = DecodeBatcher(self.executor, window=config.batch_window_ms / 1000)
         self.stats = {"forward": 0, "backward": 0, "errors": 0, "batched_rows": 0}
         self._reserved: dict[str, int] = {}
+        self.runs = RunCheckpoints(config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep, fingerprint)
 
     # ------------------------------------------------------------------ helpers
 
@@ -93,6 +100,17 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         per_token = 2 * (span[1] - span[0]) * cfg.num_key_value_heads * head_dim * 4
         return per_token * max_length * batch
 
+    def _train_bytes(self, config: SessionConfig) -> int:
+        """Rough reservation of a TRAIN session: adapter + grads + AdamW, and one pending graph."""
+        cfg = self.body.config
+        layers = config.span[1] - config.span[0]
+        rank = (config.lora or LoraSettings()).rank
+        adapter = layers * 4 * rank * 2 * cfg.hidden_size * 4 * 4  # ~4 targets, A+B, weight+grad+2 moments
+        # autograd keeps ~ (6 hidden + 4 intermediate) floats per token per layer, plus attention scores
+        per_token = layers * (6 * cfg.hidden_size + 4 * cfg.intermediate_size + 2 * cfg.num_attention_heads
+                              * config.max_length) * 4
+        return adapter + per_token * config.max_length * config.max_batch
+
     def memory_in_use(self) -> int:
         return sum(self._reserved.values())
 
@@ -122,6 +140,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                         opened=pb.SessionOpened(
                             session_id=session.id, span_start=session.config.span[0],
                             span_end=session.config.span[1], info=self.info(),
+                            resumed=getattr(session, "resumed", False), step=getattr(session, "steps", 0),
                         ),
                     )
                     continue
@@ -167,14 +186,25 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_length must be between 1 and 1048576")
         span = (req.span_start, req.span_end)
         batch = req.max_batch_size or 1
-        lora = lora_from_proto(req.lora) if req.HasField("lora") and req.lora.rank else None
+        try:
+            lora = lora_from_proto(req.lora) if req.HasField("lora") and req.lora.rank else None
+        except codec.WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        for name in ("learning_rate", "weight_decay"):
+            value = getattr(req, name)
+            if req.HasField(name) and not (math.isfinite(value) and 0 <= value < 1e3 and (value or name != "learning_rate")):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} must be a finite positive number")
         config = SessionConfig(
             span=span, mode=mode, max_length=req.max_length, max_batch=batch, lora=lora,
             lr=req.learning_rate if req.HasField("learning_rate") else 2e-4,
             weight_decay=req.weight_decay if req.HasField("weight_decay") else 0.0,
             seed=req.lora.seed if req.HasField("lora") and req.lora.HasField("seed") else None,
         )
-        need = self._kv_bytes(span, req.max_length, batch) if mode == "generate" else 0
+        if req.run_id:
+            adopted = await self._open_run(req, owner, config, context)
+            if adopted is not None:
+                return adopted
+        need = self._kv_bytes(span, req.max_length, batch) if mode == "generate" else self._train_bytes(config)
         if self.memory_in_use() + need > self.config.memory_budget:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -186,11 +216,40 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                 self.body, self.pool, config, owner, self.config.max_graphs, self.config.graph_ttl))
         except SessionError as exc:
             await context.abort(_status(exc.code), exc.message)
+        except ValueError as exc:  # e.g. LoRA target modules the body does not have
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot create the session: {exc}")
         session.wire_dtype = wire_dtype
         self.sessions[session.id] = session
         self._reserved[session.id] = need
+        if req.run_id:
+            try:
+                await self._run(self.runs.restore, session, list(req.resume_steps))
+            except SessionError as exc:
+                self._close(session)
+                await context.abort(_status(exc.code), exc.message)
         log.info("opened %s for %s: %s span %s max_length %d", session.id, owner, mode, span, req.max_length)
         return session
+
+    async def _open_run(self, req: pb.OpenSession, owner: str, config: SessionConfig, context) -> BodySession | None:
+        """A named training run: re-attach its parked session if the client can continue from its step."""
+        try:
+            check_run_id(req.run_id)
+        except SessionError as exc:
+            await context.abort(_status(exc.code), exc.message)
+        if config.mode != "train":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "run_id is for TRAIN sessions")
+        config.run_id, config.adapter = req.run_id, run_adapter_name(owner, req.run_id)
+        live = self.runs.find_live(self.sessions, owner, req.run_id)
+        if live is None:
+            return None
+        if getattr(live, "attached", False):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"run {req.run_id!r} is in use by another stream")
+        if not req.resume_steps or live.steps in req.resume_steps:
+            live.resumed = live.steps > 0
+            log.info("run %s of %s re-attached at step %d", req.run_id, owner, live.steps)
+            return live
+        self._close(live)  # the client goes back to an earlier step: restore it from disk
+        return None
 
     async def _resume(self, session_id: str, owner: str, context) -> BodySession:
         """Re-attach a stream to a session parked when its previous stream broke."""
@@ -202,6 +261,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"session {session_id!r} belongs to another client")
         if getattr(session, "attached", False):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"session {session_id!r} is in use by another stream")
+        session.resumed = True
         return session
 
     async def _handle(self, session: BodySession, kind: str, msg) -> pb.ServerMessage:
@@ -232,7 +292,9 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         if kind == "step":
             clip = msg.step.grad_clip_norm if msg.step.HasField("grad_clip_norm") else 0.0
             await self._run(session.step, clip)
-            return pb.ServerMessage(step_done=pb.StepDone(step_id=msg.step.step_id))
+            saved = await self._run(self.runs.after_step, session, msg.step.checkpoint)
+            return pb.ServerMessage(step_done=pb.StepDone(
+                step_id=msg.step.step_id, stats={"step": float(session.steps), "checkpointed": float(saved)}))
         if kind == "fetch_adapter":
             settings, state = await self._run(session.adapter_state)
             return pb.ServerMessage(adapter=pb.AdapterState(
@@ -248,8 +310,13 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
     def _close(self, session: BodySession) -> None:
         self.sessions.pop(session.id, None)
         self._reserved.pop(session.id, None)
+        self.executor.submit(self.runs.save_if_dirty, session)  # same worker, so before the close below
         self.executor.submit(session.close)
         log.info("closed %s", session.id)
+
+    async def checkpoint_all(self) -> int:
+        """Save every training run whose latest step is not on disk yet (SIGTERM)."""
+        return await self._run(self.runs.save_all, list(self.sessions.values()))
 
     async def evict_idle(self) -> None:
         """Free sessions idle longer than the TTL (a client that vanished without closing)."""
@@ -264,7 +331,12 @@ async def start_server(
     servicer: SplitServicer, config: ServerConfig, tls_cert: str | None = None, tls_key: str | None = None
 ) -> tuple[grpc.aio.Server, int]:
     """Start serving; returns the server and the bound port."""
-    server = grpc.aio.server(options=codec.channel_options(config.max_message_bytes))
+    # Keepalive pings find peers that vanished without closing their TCP connection (a host that
+    # lost power); their streams then break, their sessions are parked and the TTL frees them.
+    keepalive = [("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
+                 ("grpc.keepalive_permit_without_calls", 1),
+                 ("grpc.http2.min_ping_interval_without_data_ms", 20_000)]  # accept clients' pings too
+    server = grpc.aio.server(options=codec.channel_options(config.max_message_bytes) + keepalive)
     pb_grpc.add_SplitServiceServicer_to_server(servicer, server)
     address = f"{config.host}:{config.port}"
     if tls_cert and tls_key:

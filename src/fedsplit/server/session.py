@@ -39,6 +39,8 @@ class SessionConfig:
     weight_decay: float = 0.0
     adapter: str | None = None  # train: share a named adapter instead of a private one
     seed: int | None = None  # LoRA init seed (same layer, same init, wherever it runs)
+    run_id: str | None = None  # train: a named run whose adapter the server checkpoints and restores
+    resume_steps: tuple[int, ...] = ()  # train with run_id: steps the client can resume from (empty: latest)
 
 
 @dataclass
@@ -80,15 +82,17 @@ class BodySession:
         self.last_used = time.monotonic()
         self.adapter = config.adapter
         self.optimizer = None
+        self.steps = 0  # optimiser steps applied to this session's adapter (restored with a run)
+        self.run_id = config.run_id  # a named training run (fedsplit.server.checkpoint)
         if config.mode == "train":
             if self.adapter is None:
                 self.adapter = f"session_{self.id}"
                 pool.create(self.adapter, config.lora or LoraSettings(), config.seed)
             elif self.adapter not in pool.settings:
                 pool.create(self.adapter, config.lora or LoraSettings(), config.seed)
-            self.optimizer = torch.optim.AdamW(
-                pool.parameters(self.adapter), lr=config.lr, weight_decay=config.weight_decay
-            )
+            params = pool.parameters(self.adapter)
+            # An empty body span has nothing to train; steps are then no-ops.
+            self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay) if params else None
 
     @property
     def hidden_size(self) -> int:
@@ -154,14 +158,21 @@ class BodySession:
         graph.outputs.backward(grad)
         return graph.inputs.grad
 
-    def step(self, clip_norm: float = 0.0) -> None:
-        """Apply the accumulated body-LoRA gradients (AdamW) and clear them."""
-        if self.optimizer is None:
+    def step(self, clip_norm: float = 0.0, checkpoint: bool = False) -> None:
+        """Apply the accumulated body-LoRA gradients (AdamW) and clear them.
+
+        ``checkpoint`` is for the transport: the service saves named runs after the step, and an
+        in-process body is saved in the client's own checkpoint.
+        """
+        if self.config.mode != "train":
             raise SessionError("FAILED_PRECONDITION", "optimizer step on a generate session")
+        if self.optimizer is None:
+            return
         if clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.pool.parameters(self.adapter), clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
 
     def adapter_state(self) -> tuple[LoraSettings, dict[str, torch.Tensor]]:
         if self.adapter is None:
@@ -191,5 +202,5 @@ class BodySession:
     def close(self) -> None:
         self.graphs.clear()
         self.cache = None
-        if self.adapter and self.adapter.startswith("session_"):
+        if self.adapter and self.adapter.startswith(("session_", "run_")):  # private ones; shared stay
             self.pool.delete(self.adapter)

@@ -86,7 +86,7 @@ class LoraConfig(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("model_fingerprint", "span_start", "span_end", "mode", "max_length", "wire_dtype", "lora", "learning_rate", "weight_decay", "resume_session_id", "max_batch_size")
+    __slots__ = ("model_fingerprint", "span_start", "span_end", "mode", "max_length", "wire_dtype", "lora", "learning_rate", "weight_decay", "resume_session_id", "max_batch_size", "run_id", "resume_steps")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SPAN_START_FIELD_NUMBER: _ClassVar[int]
     SPAN_END_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,8 @@ class OpenSession(_message.Message):
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     RESUME_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUME_STEPS_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     span_start: int
     span_end: int
@@ -109,7 +111,9 @@ class OpenSession(_message.Message):
     weight_decay: float
     resume_session_id: str
     max_batch_size: int
-    def __init__(self, model_fingerprint: _Optional[str] = ..., span_start: _Optional[int] = ..., span_end: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_length: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., resume_session_id: _Optional[str] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    run_id: str
+    resume_steps: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model_fingerprint: _Optional[str] = ..., span_start: _Optional[int] = ..., span_end: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_length: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., resume_session_id: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., run_id: _Optional[str] = ..., resume_steps: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Forward(_message.Message):
     __slots__ = ("step_id", "hidden", "pad_lengths", "position_offset", "use_cache", "keep_graph")
@@ -136,12 +140,14 @@ class Backward(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class OptimizerStep(_message.Message):
-    __slots__ = ("step_id", "grad_clip_norm")
+    __slots__ = ("step_id", "grad_clip_norm", "checkpoint")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     GRAD_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     grad_clip_norm: float
-    def __init__(self, step_id: _Optional[int] = ..., grad_clip_norm: _Optional[float] = ...) -> None: ...
+    checkpoint: bool
+    def __init__(self, step_id: _Optional[int] = ..., grad_clip_norm: _Optional[float] = ..., checkpoint: _Optional[bool] = ...) -> None: ...
 
 class Close(_message.Message):
     __slots__ = ()
@@ -186,18 +192,20 @@ class ServerMessage(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., forward_result: _Optional[_Union[ForwardResult, _Mapping]] = ..., backward_result: _Optional[_Union[BackwardResult, _Mapping]] = ..., step_done: _Optional[_Union[StepDone, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., adapter: _Optional[_Union[AdapterState, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "span_start", "span_end", "info", "resumed")
+    __slots__ = ("session_id", "span_start", "span_end", "info", "resumed", "step")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SPAN_START_FIELD_NUMBER: _ClassVar[int]
     SPAN_END_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     span_start: int
     span_end: int
     info: InfoReply
     resumed: bool
-    def __init__(self, session_id: _Optional[str] = ..., span_start: _Optional[int] = ..., span_end: _Optional[int] = ..., info: _Optional[_Union[InfoReply, _Mapping]] = ..., resumed: _Optional[bool] = ...) -> None: ...
+    step: int
+    def __init__(self, session_id: _Optional[str] = ..., span_start: _Optional[int] = ..., span_end: _Optional[int] = ..., info: _Optional[_Union[InfoReply, _Mapping]] = ..., resumed: _Optional[bool] = ..., step: _Optional[int] = ...) -> None: ...
 
 class ForwardResult(_message.Message):
     __slots__ = ("step_id", "hidden")

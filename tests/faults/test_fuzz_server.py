@@ -1,0 +1,300 @@
+"""Hostile input against a live server: every case gets a clear status, the server stays up and bounded.
+
+One tiny-llama server (three clients' tokens, a short session TTL) serves the whole module.
+A second client, bob, keeps a training session open throughout; after every generated
+case his session must still return exactly the output it returned before the fuzzing —
+other sessions keep working. At the end every parked session has been evicted and the
+server's reserved memory, adapters and RSS are back near where they started.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import grpc
+import psutil
+import pytest
+import torch
+from faultkit import CLEAR, RawClient, check_outcome, count_case, tensor, wait_until
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedsplit.client.remote import RemoteTransport
+from fedsplit.model.lora import LoraSettings
+from fedsplit.server.auth import add_token
+from fedsplit.server.runner import build_servicer, start_background
+from fedsplit.server.service import ServerConfig
+from fedsplit.server.session import SessionConfig
+from fedsplit.wire import fedsplit_pb2 as pb
+
+HIDDEN = 64  # tiny-llama
+TTL = 1.0
+# Bounded: the module runs in well under two minutes on two loaded cores.
+FUZZ = settings(max_examples=150, deadline=None, database=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                       HealthCheck.data_too_large])
+
+
+class Harness:
+    """The server, tokens, a raw client and bob's canary session."""
+
+    def __init__(self, tmp):
+        tokens_file = tmp / "tokens"
+        self.tokens = {name: add_token(tokens_file, name) for name in ("alice", "bob", "mallory")}
+        config = ServerConfig(model="tiny-llama", port=0, session_ttl=TTL, memory_budget=256 << 20, max_graphs=4,
+                              checkpoint_dir=str(tmp / "runs"), checkpoint_every=2)
+        self.server = start_background(build_servicer(config, tokens_file=str(tokens_file)))
+        self.servicer = self.server.servicer
+        self.raw = RawClient(self.server.address)
+        self.fingerprint = self.servicer.fingerprint
+        bob = RemoteTransport(self.server.address, token=self.tokens["bob"], wire_dtype="fp32",
+                              fingerprint=self.fingerprint, retries=0)
+        self.bob = bob.open(SessionConfig(span=(1, 3), mode="train", lora=LoraSettings(rank=2), seed=1,
+                                          max_length=8, max_batch=1))
+        self.probe = torch.randn(1, 4, HIDDEN, generator=torch.Generator().manual_seed(0))
+        self.expected = self._bob_output()
+        self.process = psutil.Process(os.getpid())
+
+    def _bob_output(self) -> torch.Tensor:
+        out = self.bob.forward(1, self.probe, torch.zeros(1, dtype=torch.long))
+        self.bob.backward(1, torch.zeros_like(out))  # consume the graph; no step, so the adapter stays
+        return out
+
+    def check_alive(self) -> None:
+        assert self.server.thread.is_alive(), "the server thread died"
+        assert torch.equal(self._bob_output(), self.expected), "another client's session was disturbed"
+
+    def run(self, name: str, messages: list[bytes], token: str | None, parseable: bool = True) -> grpc.StatusCode:
+        count_case(name)
+        code, details, replies = self.raw.stream(messages, token)
+        check_outcome(code, details, replies, parseable)
+        self.check_alive()
+        return code
+
+
+@pytest.fixture(scope="module")
+def h(tmp_path_factory):
+    harness = Harness(tmp_path_factory.mktemp("fuzz"))
+    yield harness
+    harness.raw.close()
+    harness.server.stop()
+
+
+# --------------------------------------------------------------------------- strategies
+
+step_ids = st.integers(0, 4)  # few ids: replays, duplicates and out-of-order steps are common
+floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+dims = st.one_of(st.sampled_from([0, 1, 2, 3, 4, HIDDEN, HIDDEN + 1]), st.sampled_from([1 << 31, 1 << 62, 2**64 - 1]))
+
+
+@st.composite
+def tensors(draw, hidden_like: bool = True):
+    """Mostly well-formed hidden states, sometimes with wrong dtype, shape, length, NaN/Inf or huge sizes."""
+    kind = draw(st.sampled_from(["good", "good", "nonfinite", "shape", "dtype", "length", "huge"]))
+    rows, tokens = draw(st.integers(1, 2)), draw(st.integers(1, 4))
+    t = torch.randn(rows, tokens, HIDDEN, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
+    if kind == "nonfinite":
+        t.view(-1)[draw(st.integers(0, t.numel() - 1))] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+    msg = tensor(t, draw(st.sampled_from(["fp32", "fp16", "bf16", "int8"])))
+    if kind == "shape":
+        msg.ClearField("shape")
+        msg.shape.extend(draw(st.lists(dims, max_size=5)))
+    elif kind == "dtype":
+        msg.dtype = draw(st.integers(-3, 9))
+    elif kind == "length":
+        msg.data = draw(st.binary(max_size=64))
+    elif kind == "huge":
+        msg.ClearField("shape")
+        msg.shape.extend([1 << 20, 1 << 20, HIDDEN])
+        msg.data = b""
+    return msg
+
+
+lora_configs = st.builds(
+    pb.LoraConfig,
+    rank=st.sampled_from([0, 1, 2, 4, 5000]),
+    alpha=floats,
+    dropout=st.sampled_from([0.0, 0.5, 1.0, -1.0, float("nan"), 2.0]),
+    target_modules=st.lists(st.sampled_from(["q_proj", "v_proj", "nope", "", "lm_head", "embed_tokens"]), max_size=2),
+)
+
+
+@st.composite
+def opens(draw, h):
+    req = pb.OpenSession(
+        model_fingerprint=draw(st.sampled_from([h.fingerprint, h.fingerprint, "", "0123456789abcdef"])),
+        span_start=draw(st.sampled_from([0, 1, 2, 3, 5, 2**32 - 1])),
+        span_end=draw(st.sampled_from([0, 1, 3, 4, 9, 2**32 - 1])),
+        mode=draw(st.sampled_from([pb.TRAIN, pb.GENERATE, pb.GENERATE, 0, 7])),
+        max_length=draw(st.sampled_from([0, 1, 8, 16, 1 << 20, 2**32 - 1])),
+        wire_dtype=draw(st.sampled_from([0, 1, 2, 3, 4, 5, 99])),
+        max_batch_size=draw(st.sampled_from([0, 1, 2, 1 << 30])),
+    )
+    if draw(st.booleans()):
+        req.lora.CopyFrom(draw(lora_configs))
+    if draw(st.booleans()):
+        req.learning_rate = draw(st.floats(allow_nan=True, allow_infinity=True))
+    if draw(st.integers(0, 5)) == 0:
+        req.resume_session_id = draw(st.sampled_from(["", "s1-bob", h.bob.id, "x" * 300, "s999-alice"]))
+    if draw(st.integers(0, 3)) == 0:
+        req.run_id = draw(st.sampled_from(["r1", "r2", "../../etc", "", "é", "a" * 80, ".hidden"]))
+        req.resume_steps.extend(draw(st.lists(st.sampled_from([0, 1, 2, 4, 2**63]), max_size=3)))
+    return req
+
+
+@st.composite
+def requests(draw):
+    kind = draw(st.sampled_from(["forward", "forward", "forward", "backward", "step", "fetch", "put", "empty",
+                                 "open", "close"]))
+    if kind == "forward":
+        t = draw(tensors())
+        rows = t.shape[0] if len(t.shape) > 0 and t.shape[0] <= 4 else 1
+        pad = draw(st.one_of(st.just([0] * rows), st.lists(st.integers(0, 2**32 - 1), max_size=3)))
+        return pb.ClientMessage(forward=pb.Forward(
+            step_id=draw(step_ids), hidden=t, pad_lengths=pad, position_offset=draw(st.sampled_from([0, 0, 1, 4, 2**32 - 1])),
+            use_cache=draw(st.booleans()), keep_graph=draw(st.booleans())))
+    if kind == "backward":
+        return pb.ClientMessage(backward=pb.Backward(step_id=draw(step_ids), grad=draw(tensors())))
+    if kind == "step":
+        step = pb.OptimizerStep(step_id=draw(step_ids), checkpoint=draw(st.booleans()))
+        if draw(st.booleans()):
+            step.grad_clip_norm = draw(floats)
+        return pb.ClientMessage(step=step)
+    if kind == "fetch":
+        return pb.ClientMessage(fetch_adapter=pb.FetchAdapter())
+    if kind == "put":
+        names = st.sampled_from(["layers.1.self_attn.q_proj.lora_A.weight", "layers.1.self_attn.q_proj.lora_B.weight",
+                                 "layers.9.mlp.lora_A.weight", "", "x"])
+        tensors_ = draw(st.lists(st.builds(pb.NamedTensor, name=names, tensor=tensors()), max_size=3))
+        return pb.ClientMessage(put_adapter=pb.PutAdapter(lora=draw(lora_configs), tensors=tensors_))
+    if kind == "open":
+        return pb.ClientMessage(open=pb.OpenSession(mode=pb.GENERATE, span_start=1, span_end=3, max_length=8))
+    if kind == "close":
+        return pb.ClientMessage(close=pb.Close())
+    return pb.ClientMessage()
+
+
+def _serialize(msgs) -> list[bytes]:
+    return [m.SerializeToString() for m in msgs]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@FUZZ
+@given(data=st.data())
+def test_random_sessions_get_clear_statuses(h, data):
+    """A fuzzed OpenSession followed by up to six fuzzed requests (valid, malformed, replayed, out of order)."""
+    msgs = [pb.ClientMessage(seq=0, open=data.draw(opens(h)))]
+    msgs += data.draw(st.lists(requests(), max_size=6))
+    for seq, m in enumerate(msgs):
+        m.seq = seq
+    h.run("sessions", _serialize(msgs), h.tokens["alice"])
+
+
+def _valid_train_stream(h) -> list[bytes]:
+    hidden = torch.randn(1, 3, HIDDEN, generator=torch.Generator().manual_seed(3))
+    open_ = pb.OpenSession(model_fingerprint=h.fingerprint, span_start=1, span_end=3, mode=pb.TRAIN, max_length=8,
+                           wire_dtype=pb.FP32, lora=pb.LoraConfig(rank=2, alpha=4.0), run_id="mut")
+    msgs = [
+        pb.ClientMessage(seq=1, open=open_),
+        pb.ClientMessage(seq=2, forward=pb.Forward(step_id=1, hidden=tensor(hidden), pad_lengths=[0], keep_graph=True)),
+        pb.ClientMessage(seq=3, backward=pb.Backward(step_id=1, grad=tensor(torch.ones_like(hidden)))),
+        pb.ClientMessage(seq=4, step=pb.OptimizerStep(step_id=1, checkpoint=True)),
+        pb.ClientMessage(seq=5, close=pb.Close()),
+    ]
+    return _serialize(msgs)
+
+
+@FUZZ
+@given(index=st.integers(0, 4), how=st.sampled_from(["flip", "truncate", "insert", "duplicate", "drop"]),
+       where=st.integers(0, 10_000), byte=st.integers(0, 255), count=st.integers(1, 8))
+def test_mutated_protobuf_messages_get_clear_statuses(h, index, how, where, byte, count):
+    """A valid training stream with one message's bytes flipped, cut, padded, duplicated or dropped."""
+    msgs = _valid_train_stream(h)
+    data = bytearray(msgs[index])
+    pos = where % max(len(data), 1)
+    if how == "flip":
+        for i in range(count):
+            data[(pos + i * 7) % len(data)] ^= byte or 0xFF
+    elif how == "truncate":
+        data = data[:pos]
+    elif how == "insert":
+        data[pos:pos] = bytes([byte]) * count
+    mutated = bytes(data)
+    if how == "duplicate":
+        msgs.insert(index, msgs[index])
+    elif how == "drop":
+        del msgs[index]
+    else:
+        msgs[index] = mutated
+    try:
+        pb.ClientMessage.FromString(mutated)
+        parseable = True
+    except Exception:
+        parseable = False
+    h.run("mutated", msgs, h.tokens["alice"], parseable=parseable)
+
+
+@FUZZ
+@given(messages=st.lists(st.binary(max_size=200), min_size=1, max_size=4),
+       token=st.sampled_from(["alice", None, "", "garbage"]))
+def test_random_bytes_get_clear_statuses(h, messages, token):
+    count_case("bytes")
+    code, details, replies = h.raw.stream(messages, h.tokens.get(token, token))
+    assert code in CLEAR, f"{code.name}: {details}"
+    if token != "alice":
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+    h.check_alive()
+
+
+@settings(max_examples=60, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(token=st.sampled_from([None, "", "Bearer", "x" * 5000, "alice-but-wrong", "\u00e9t\u00e9"]),
+       method=st.sampled_from(["session", "info"]))
+def test_missing_or_invalid_tokens_are_unauthenticated(h, token, method):
+    count_case("tokens")
+    if method == "session":
+        open_ = pb.ClientMessage(open=pb.OpenSession(mode=pb.GENERATE, span_start=1, span_end=3, max_length=8))
+        code, _, _ = h.raw.stream([open_.SerializeToString()], token)
+    else:
+        try:
+            metadata = [("authorization", f"Bearer {token}")] if token is not None else []
+            h.raw.info(b"", metadata=metadata, timeout=10)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            code = exc.code()
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    h.check_alive()
+
+
+def test_other_clients_session_and_run_are_out_of_reach(h):
+    count_case("ownership")
+    open_ = pb.ClientMessage(open=pb.OpenSession(resume_session_id=h.bob.id, mode=pb.TRAIN))
+    code, details, _ = h.raw.stream([open_.SerializeToString()], h.tokens["mallory"])
+    assert code == grpc.StatusCode.PERMISSION_DENIED, details
+    # bob's session is attached to his stream: even bob cannot take it twice
+    code, _, _ = h.raw.stream([open_.SerializeToString()], h.tokens["bob"])
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    h.check_alive()
+
+
+def test_server_memory_and_sessions_stay_bounded(h):
+    """Runs last in this module: after the TTL only bob's session is left and memory is back."""
+    start_rss = h.process.memory_info().rss
+    for _ in range(20):  # a burst of abandoned sessions with caches and pending graphs
+        h.run("burst", _valid_train_stream(h)[:3], h.tokens["alice"])
+        gen = pb.OpenSession(model_fingerprint=h.fingerprint, span_start=1, span_end=3, mode=pb.GENERATE,
+                             max_length=16, wire_dtype=pb.FP32)
+        fwd = pb.Forward(hidden=tensor(torch.randn(1, 8, HIDDEN)), pad_lengths=[0], use_cache=True)
+        h.run("burst", _serialize([pb.ClientMessage(open=gen), pb.ClientMessage(forward=fwd)]), h.tokens["alice"])
+    servicer = h.servicer
+    assert wait_until(lambda: set(servicer.sessions) == {h.bob.id}, timeout=TTL * 10), list(servicer.sessions)
+    time.sleep(0.5)  # the worker frees evicted sessions' adapters after the eviction
+    assert servicer.memory_in_use() == servicer._reserved[h.bob.id]
+    assert len(servicer.pool.settings) <= 2, list(servicer.pool.settings)  # bob's adapter (+ one being freed)
+    assert h.process.memory_info().rss - start_rss < 200 << 20
+    info = h.raw.info(b"", metadata=[("authorization", f"Bearer {h.tokens['bob']}")], timeout=10)
+    assert info.held_end == 4
+    h.check_alive()
