@@ -91,11 +91,12 @@ def _defense(noise: float, relative: bool):
     return parse_defense(f"gaussian:{noise}" + (":relative" if relative else ""))
 
 
-def _open(factory, *args):
+def _open(factory, *args, **kwargs):
+    """Call into the layers; a user-caused error becomes one line, no traceback."""
     from ..model.loading import ModelSpecError, UnsupportedModelError
 
     try:
-        return factory(*args)
+        return factory(*args, **kwargs)
     except (ModelSpecError, UnsupportedModelError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     except ConnectionError as exc:
@@ -239,6 +240,58 @@ def bench_generate(
             "fedsplit bench generate")
 
 
+@bench_app.command("quality")
+def bench_quality(
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    task: str = typer.Option("sentiment", help="task to fine-tune and score"),
+    steps: int = typer.Option(100, help="training steps per run"),
+    batch_size: int = typer.Option(8, help="examples per step"),
+    lr: float = typer.Option(5e-4, help="learning rate"),
+    eval_examples: int = typer.Option(300, help="test examples scored per run"),
+    max_length: int = typer.Option(96, help="token limit per example"),
+    noise: float = typer.Option(0.02, help="the 'default noise' run: Gaussian std relative to token RMS"),
+    seed: int = typer.Option(0, help="same seed and data for every run"),
+    out: Path = typer.Option(Path("results/quality"), help="folder for quality.json / quality.md / adapters"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures here"),
+) -> None:
+    """Centralized vs split (no noise) vs split (noise): the task metric and wall time of each."""
+    from ..bench.quality import run
+
+    figures = run(model, task, steps, batch_size, lr, eval_examples, seed, noise, max_length, out)
+    _report(figures, json_out, "fedsplit bench quality")
+
+
+@app.command("eval")
+def eval_(
+    task: str = typer.Option("sentiment", help="task to score"),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    server: Optional[str] = typer.Option(None, help="HOST:PORT; omit to run unsplit in this process"),
+    adapters: Optional[Path] = typer.Option(None, help="run folder from `fedsplit train` (head/ body/ tail/)"),
+    head_layers: int = typer.Option(2, help="p (split only)"),
+    tail_layers: int = typer.Option(2, help="q (split only)"),
+    max_examples: int = typer.Option(200, help="test examples"),
+    split_name: str = typer.Option("test", "--split", help="train | val | test"),
+    seed: int = typer.Option(0, help="data split seed (use the training seed)"),
+    token: Optional[str] = typer.Option(None, envvar="FEDSPLIT_TOKEN", help="bearer token"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics here"),
+) -> None:
+    """Score the base or a fine-tuned model on a task, split (--server) or centralized."""
+    from ..client.train import TrainConfig, build_client, evaluate_client, load_run_adapters
+    from ..model.loading import load_tokenizer
+    from ..tasks import load_task
+
+    cfg = TrainConfig(model=model, server=server, head_layers=head_layers, tail_layers=tail_layers,
+                      centralized=server is None, token=token, seed=seed)
+    if adapters is not None and server is None:
+        cfg.head_layers, cfg.tail_layers, cfg.centralized = head_layers, tail_layers, False
+    client = _open(build_client, cfg, None, False)
+    if adapters is not None:
+        _open(load_run_adapters, client, adapters)
+    metrics = evaluate_client(client, _open(load_task, task, seed=seed), load_tokenizer(model), split_name,
+                              max_examples)
+    _report(metrics, json_out, f"fedsplit eval {task}")
+
+
 @app.command()
 def demo(
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
@@ -295,6 +348,11 @@ def serve(
                                                   "so they survive a server restart"),
     checkpoint_every: int = typer.Option(100, help="checkpoint each run every K optimizer steps (and on SIGTERM)"),
     checkpoint_keep: int = typer.Option(3, help="checkpoints kept per run"),
+    mode: str = typer.Option("independent", help="training of many clients: independent (a body adapter per "
+                             "session), sequential, client-batch or server-hierarchical (docs/federation.md)"),
+    sync_every: int = typer.Option(0, help="server-hierarchical: average the body replicas every R steps"),
+    fedavg_every: int = typer.Option(0, help="clients average their head/tail adapters every R steps (0 = never)"),
+    round_timeout: float = typer.Option(30.0, help="seconds a round waits for missing clients before going on"),
 ) -> None:
     """Run the body of a split model as a gRPC service (until SIGTERM / Ctrl-C)."""
     import asyncio
@@ -308,7 +366,8 @@ def serve(
         model=model, layers=_parse_layers(layers), host=host, port=port, memory_budget=_parse_bytes(memory_budget),
         session_ttl=session_ttl, graph_ttl=graph_ttl, max_graphs=max_graphs,
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, checkpoint_every=checkpoint_every,
-        checkpoint_keep=checkpoint_keep,
+        checkpoint_keep=checkpoint_keep, mode=mode, sync_every=sync_every, fedavg_every=fedavg_every,
+        round_timeout=round_timeout,
     )
     servicer = _open(build_servicer, config, str(tokens) if tokens else None)
     asyncio.run(serve_forever(servicer, config, str(tls_cert) if tls_cert else None,
@@ -328,6 +387,10 @@ def token_add(
     except ValueError as exc:
         fail(str(exc))
 
+
+from .federation import register as _register_federation  # noqa: E402 - `simulate`, `bench train-modes`
+
+_register_federation(app, bench_app)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -88,6 +88,9 @@ class SplitModelForCausalLM:
 
                 transport = ReplayingTransport(transport)
         client = SplitClient(head, tail, transport, span, defense=defense)
+        if adapters is not None and (Path(adapters) / "body").exists():
+            state, settings = read_adapter(Path(adapters) / "body")
+            client.body_adapter = (settings, state)
         return cls(client, load_tokenizer(spec), spec, head_layers, tail_layers)
 
     def encode_chat(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

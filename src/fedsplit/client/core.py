@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 class BodyHandle(Protocol):
     """What a client needs from a body session, local or remote."""
 
-    def forward(self, step_id: int, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int = 0) -> torch.Tensor: ...
+    def forward(self, step_id: int, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int = 0,
+                keep_graph: bool = True, use_cache: bool = True) -> torch.Tensor: ...
     def backward(self, step_id: int, grad: torch.Tensor) -> torch.Tensor: ...
     def step(self, clip_norm: float = 0.0) -> None: ...
     def close(self) -> None: ...
@@ -86,6 +87,8 @@ class SplitClient:
         self._steps = itertools.count(1)
         self.train_session: BodyHandle | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.body_adapter = None  # (LoraSettings, state) pushed into inference sessions, e.g. from --adapters
+        self._score_session: BodyHandle | None = None
 
     # ------------------------------------------------------------------ training
 
@@ -150,18 +153,31 @@ class SplitClient:
 
     # ------------------------------------------------------------------ inference
 
+    def open_inference(self, max_length: int, batch: int) -> BodyHandle:
+        """A generate session carrying the body adapter being trained (or loaded), if any."""
+        session = self.transport.open(SessionConfig(span=self.span, mode="generate", max_length=max_length,
+                                                    max_batch=batch))
+        adapter = self.train_session.adapter_state() if self.train_session is not None else self.body_adapter
+        if adapter is not None and adapter[1]:
+            session.put_adapter(*adapter)
+        return session
+
     def logits(self, input_ids: torch.Tensor, pad_lengths: torch.Tensor) -> torch.Tensor:
-        """One full forward (no cache): for scoring and evaluation."""
-        config = SessionConfig(span=self.span, mode="generate", max_length=input_ids.shape[1],
-                               max_batch=input_ids.shape[0])
-        session = self.transport.open(config)
-        try:
-            with torch.no_grad():
-                hidden = self.send(self.head(input_ids, pad_lengths), pad_lengths)
-                hidden = session.forward(0, hidden, pad_lengths, 0)
-                return self.tail(hidden, pad_lengths)
-        finally:
-            session.close()
+        """One full forward, no cache, no graph: for scoring and evaluation."""
+        batch, length = input_ids.shape
+        if self.train_session is not None:
+            session = self.train_session  # its adapter, without keeping a graph
+        else:
+            current = self._score_session
+            if current is None or current.config.max_length < length or current.config.max_batch < batch:
+                if current is not None:
+                    current.close()
+                self._score_session = self.open_inference(max(length, 256), max(batch, 8))
+            session = self._score_session
+        with torch.no_grad():
+            hidden = self.send(self.head(input_ids, pad_lengths), pad_lengths)
+            hidden = session.forward(0, hidden, pad_lengths, 0, keep_graph=False, use_cache=False)
+            return self.tail(hidden, pad_lengths)
 
     def generate(
         self,
@@ -186,9 +202,7 @@ class SplitClient:
             pad_lengths = torch.zeros(batch, dtype=torch.long)
         own_session = session is None
         if own_session:
-            session = self.transport.open(
-                SessionConfig(span=self.span, mode="generate", max_length=prompt_len + max_new_tokens, max_batch=batch)
-            )
+            session = self.open_inference(prompt_len + max_new_tokens, batch)
         head_cache, tail_cache = caches or (KVCache(), KVCache())
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         finished = torch.zeros(batch, dtype=torch.bool)

@@ -168,14 +168,15 @@ class RemoteSession:
             raise RemoteError(code, reply.error.message)
         return reply
 
-    def forward(self, step_id: int, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, step_id: int, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int = 0,
+                keep_graph: bool = True, use_cache: bool = True) -> torch.Tensor:
         reply = self._request(pb.ClientMessage(forward=pb.Forward(
             step_id=step_id,
             hidden=codec.encode_tensor(hidden, self.transport.wire_dtype),
             pad_lengths=[int(x) for x in pad_lengths],
             position_offset=offset,
-            use_cache=self.config.mode == "generate",
-            keep_graph=self.config.mode == "train",
+            use_cache=self.config.mode == "generate" and use_cache,
+            keep_graph=self.config.mode == "train" and keep_graph,
         )))
         return codec.decode_tensor(reply.forward_result.hidden, out_dtype=hidden.dtype)
 

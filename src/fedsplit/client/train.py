@@ -67,8 +67,8 @@ class TrainConfig:
         return None
 
 
-def build_client(cfg: TrainConfig, transport=None) -> SplitClient:
-    """Head and tail with fresh LoRA (seeded), a defence, and a transport to the body."""
+def build_client(cfg: TrainConfig, transport=None, lora: bool = True) -> SplitClient:
+    """Head and tail with fresh LoRA (seeded; ``lora=False``: none), a defence, and a transport to the body."""
     from ..privacy import parse_defense
 
     n = num_layers(load_config(cfg.model))
@@ -76,8 +76,9 @@ def build_client(cfg: TrainConfig, transport=None) -> SplitClient:
     span = body_span(n, p, q)
     torch.manual_seed(cfg.seed)
     head, tail = load_part(cfg.model, "head", p, q), load_part(cfg.model, "tail", p, q)
-    add_lora(head, cfg.lora, seed=cfg.seed)
-    add_lora(tail, cfg.lora, seed=cfg.seed)
+    if lora:
+        add_lora(head, cfg.lora, seed=cfg.seed)
+        add_lora(tail, cfg.lora, seed=cfg.seed)
     if transport is None:
         if cfg.server and not cfg.centralized:
             from .remote import RemoteTransport
@@ -89,6 +90,20 @@ def build_client(cfg: TrainConfig, transport=None) -> SplitClient:
     hidden = int(head.config.hidden_size)
     defense = None if cfg.centralized else parse_defense(cfg.defense_spec(), hidden_size=hidden)
     return SplitClient(head, tail, transport, span, defense=defense)
+
+
+def load_run_adapters(client: SplitClient, run_dir: str | Path) -> None:
+    """Load head/ and tail/ adapters into the client; body/ is pushed into its inference sessions."""
+    from ..model.lora import load_lora_state_dict, read_adapter
+
+    run_dir = Path(run_dir)
+    for name, segment in (("head", client.head), ("tail", client.tail)):
+        state, settings = read_adapter(run_dir / name)
+        if state:
+            add_lora(segment, settings)
+            load_lora_state_dict(segment, state)
+    state, settings = read_adapter(run_dir / "body")
+    client.body_adapter = (settings, state)
 
 
 def evaluate_client(client: SplitClient, task, tokenizer, split: str = "test", max_examples: int = 200) -> dict:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from ..model.lora import LoraSettings
 from ..model.segments import Body
@@ -50,6 +51,22 @@ class ServerConfig:
                                                                         "are checkpointed; None = nowhere"})
     checkpoint_every: int = field(default=100, metadata={"help": "checkpoint each run every K optimiser steps"})
     checkpoint_keep: int = field(default=3, metadata={"help": "checkpoints kept per run"})
+    mode: str = field(default="independent", metadata={"help": "training of many clients: independent | "
+                                                       "sequential | client-batch | server-hierarchical"})
+    sync_every: int = field(default=0, metadata={"help": "server-hierarchical: average the body replicas every "
+                                                 "R steps (0 = never)"})
+    fedavg_every: int = field(default=0, metadata={"help": "clients average their head/tail adapters every R "
+                                                   "steps (0 = never; server-hierarchical: sync_every)"})
+    round_timeout: float = field(default=30.0, metadata={"help": "seconds a round waits for missing clients"})
+
+
+async def _parsed(request_iterator, context):
+    """The stream's requests; bytes that are not a ClientMessage end it with INVALID_ARGUMENT."""
+    try:
+        async for msg in request_iterator:
+            yield msg
+    except DecodeError as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a fedsplit.v1.ClientMessage: {exc}")
 
 
 def _status(name: str) -> grpc.StatusCode:
@@ -68,6 +85,9 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         self.stats = {"forward": 0, "backward": 0, "errors": 0, "batched_rows": 0}
         self._reserved: dict[str, int] = {}
         self.runs = RunCheckpoints(config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep, fingerprint)
+        from ..federation.modes import make_coordinator  # many clients: fedsplit.federation
+
+        self.coordinator = make_coordinator(self)
 
     # ------------------------------------------------------------------ helpers
 
@@ -84,6 +104,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             modes=[pb.TRAIN, pb.GENERATE],
             max_message_bytes=self.config.max_message_bytes,
             protocol_version=codec.PROTOCOL_VERSION,
+            **self.coordinator.describe(),
         )
 
     async def _authenticate(self, context) -> str:
@@ -128,13 +149,14 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         session: BodySession | None = None
         closed = False
         try:
-            async for msg in request_iterator:
+            async for msg in _parsed(request_iterator, context):
                 kind = msg.WhichOneof("kind")
                 if kind == "open":
                     if session is not None:
                         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "session already open on this stream")
                     session = await self._open(msg.open, owner, context)
                     session.attached = True
+                    self.coordinator.attach(session)
                     yield pb.ServerMessage(
                         seq=msg.seq,
                         opened=pb.SessionOpened(
@@ -160,6 +182,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         finally:
             if session is not None:
                 session.attached = False
+                self.coordinator.detach(session)
                 if closed:
                     self._close(session)
                 else:  # the stream broke: keep the session for a resume until the TTL evicts it
@@ -200,6 +223,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             weight_decay=req.weight_decay if req.HasField("weight_decay") else 0.0,
             seed=req.lora.seed if req.HasField("lora") and req.lora.HasField("seed") else None,
         )
+        config = self.coordinator.prepare(config)
         if req.run_id:
             adopted = await self._open_run(req, owner, config, context)
             if adopted is not None:
@@ -269,15 +293,18 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         if kind == "forward":
             fwd = msg.forward
             rows = len(fwd.pad_lengths)
-            hidden = codec.decode_tensor(
-                fwd.hidden, expect_shape=(rows, None, hidden_size),
-                max_elements=session.config.max_batch * session.config.max_length * hidden_size,
-            )
+            stateful = fwd.keep_graph if session.config.mode == "train" else fwd.use_cache
+            limit = (session.config.max_batch * session.config.max_length * hidden_size if stateful
+                     else self.config.max_message_bytes // 2)
+            hidden = codec.decode_tensor(fwd.hidden, expect_shape=(rows, None, hidden_size), max_elements=limit)
             pad = torch.tensor(list(fwd.pad_lengths), dtype=torch.long)
-            if session.config.mode == "generate" and hidden.shape[1] == 1:
+            if session.config.mode == "generate" and fwd.use_cache and hidden.shape[1] == 1:
                 out = await self.batcher.submit(session, hidden, pad, fwd.position_offset)
+            elif session.config.mode == "train" and fwd.keep_graph:
+                out = await self.coordinator.forward(session, fwd.step_id, hidden, pad, fwd.position_offset)
             else:
-                out = await self._run(session.forward, fwd.step_id, hidden, pad, fwd.position_offset)
+                out = await self._run(session.forward, fwd.step_id, hidden, pad, fwd.position_offset,
+                                      fwd.keep_graph, fwd.use_cache)
             self.stats["forward"] += 1
             return pb.ServerMessage(forward_result=pb.ForwardResult(
                 step_id=fwd.step_id, hidden=codec.encode_tensor(out, session.wire_dtype)))
@@ -285,13 +312,14 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             bwd = msg.backward
             grad = codec.decode_tensor(bwd.grad, expect_shape=(None, None, hidden_size),
                                        max_elements=session.config.max_batch * session.config.max_length * hidden_size)
-            grad_in = await self._run(session.backward, bwd.step_id, grad)
+            weight = bwd.loss_weight if bwd.HasField("loss_weight") else None
+            grad_in = await self.coordinator.backward(session, bwd.step_id, grad, weight)
             self.stats["backward"] += 1
             return pb.ServerMessage(backward_result=pb.BackwardResult(
                 step_id=bwd.step_id, grad=codec.encode_tensor(grad_in, session.wire_dtype)))
         if kind == "step":
             clip = msg.step.grad_clip_norm if msg.step.HasField("grad_clip_norm") else 0.0
-            await self._run(session.step, clip)
+            await self.coordinator.step(session, clip)
             saved = await self._run(self.runs.after_step, session, msg.step.checkpoint)
             return pb.ServerMessage(step_done=pb.StepDone(
                 step_id=msg.step.step_id, stats={"step": float(session.steps), "checkpointed": float(saved)}))
@@ -306,6 +334,14 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             await self._run(session.put_adapter, lora_from_proto(put.lora), state)
             return pb.ServerMessage(step_done=pb.StepDone())
         raise SessionError("INVALID_ARGUMENT", f"unexpected message {kind!r}")
+
+    async def Adapters(self, request, context):
+        """Head/tail FedAvg: answer each upload with the round's example-weighted average."""
+        owner = await self._authenticate(context)
+        try:
+            return await self.coordinator.head_tail.upload(owner, request)
+        except codec.WireError as exc:
+            await context.abort(exc.code, exc.message)
 
     def _close(self, session: BodySession) -> None:
         self.sessions.pop(session.id, None)

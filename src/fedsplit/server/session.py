@@ -98,15 +98,19 @@ class BodySession:
     def hidden_size(self) -> int:
         return int(self.body.config.hidden_size)
 
-    def _check(self, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int) -> None:
+    def _check(self, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int | None) -> None:
+        """Validate a forward; ``offset`` None: a stateless call (no cache to match)."""
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
             raise SessionError(
                 "INVALID_ARGUMENT",
                 f"hidden has shape {list(hidden.shape)}, expected [batch, tokens, {self.hidden_size}]",
             )
         batch, tokens = hidden.shape[:2]
+        cache_offset, offset = offset, offset or 0
         if pad_lengths.shape != (batch,):
             raise SessionError("INVALID_ARGUMENT", f"pad_lengths has {pad_lengths.numel()} rows, hidden has {batch}")
+        if cache_offset is None:
+            return  # stateless: holds nothing after the call; the message size bounds it
         if batch > self.config.max_batch:
             raise SessionError("INVALID_ARGUMENT", f"batch {batch} exceeds the session's max_batch {self.config.max_batch}")
         if offset + tokens > self.config.max_length:
@@ -115,17 +119,29 @@ class BodySession:
             )
         if bool((pad_lengths > offset + tokens).any()):
             raise SessionError("INVALID_ARGUMENT", "a pad length exceeds the sequence length")
-        if self.cache is not None and offset != self.cache.length:
+        if cache_offset is not None and self.cache is not None and offset != self.cache.length:
             raise SessionError(
                 "FAILED_PRECONDITION", f"position offset {offset} does not match the cache length {self.cache.length}"
             )
 
-    def forward(self, step_id: int, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Body forward over the session's span; keeps the graph (train) or extends the cache (generate)."""
+    def forward(
+        self, step_id: int, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int = 0,
+        keep_graph: bool = True, use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Body forward over the session's span.
+
+        Train sessions keep the autograd graph until the matching backward (``keep_graph``);
+        generate sessions extend their KV cache (``use_cache``). With the flag off, the
+        forward is a stateless evaluation through the session's adapter.
+        """
         self.last_used = time.monotonic()
-        self._check(hidden, pad_lengths, offset)
+        stateful = keep_graph if self.config.mode == "train" else use_cache
+        self._check(hidden, pad_lengths, offset if stateful else None)
+        self.pool.activate(self.adapter)
+        if not stateful:
+            with torch.no_grad():
+                return self.body(hidden, pad_lengths, None, offset, span=self.config.span)
         if self.config.mode == "generate":
-            self.pool.activate(self.adapter)
             with torch.no_grad():
                 return self.body(hidden, pad_lengths, self.cache, offset, span=self.config.span)
         self._drop_stale()
@@ -136,7 +152,6 @@ class BodySession:
                 "RESOURCE_EXHAUSTED", f"{self.max_graphs} forwards await their backward; send backward first"
             )
         inputs = hidden.detach().requires_grad_()
-        self.pool.activate(self.adapter)
         outputs = self.body(inputs, pad_lengths, None, offset, span=self.config.span)
         self.graphs[step_id] = _Graph(inputs, outputs)
         return outputs.detach()

@@ -21,6 +21,13 @@ class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODE_UNSPECIFIED: _ClassVar[Mode]
     TRAIN: _ClassVar[Mode]
     GENERATE: _ClassVar[Mode]
+
+class FederationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FEDERATION_MODE_UNSPECIFIED: _ClassVar[FederationMode]
+    SEQUENTIAL: _ClassVar[FederationMode]
+    CLIENT_BATCH: _ClassVar[FederationMode]
+    SERVER_HIERARCHICAL: _ClassVar[FederationMode]
 DTYPE_UNSPECIFIED: DType
 FP32: DType
 FP16: DType
@@ -30,6 +37,10 @@ INT64: DType
 MODE_UNSPECIFIED: Mode
 TRAIN: Mode
 GENERATE: Mode
+FEDERATION_MODE_UNSPECIFIED: FederationMode
+SEQUENTIAL: FederationMode
+CLIENT_BATCH: FederationMode
+SERVER_HIERARCHICAL: FederationMode
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "scales")
@@ -132,12 +143,14 @@ class Forward(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., pad_lengths: _Optional[_Iterable[int]] = ..., position_offset: _Optional[int] = ..., use_cache: _Optional[bool] = ..., keep_graph: _Optional[bool] = ...) -> None: ...
 
 class Backward(_message.Message):
-    __slots__ = ("step_id", "grad")
+    __slots__ = ("step_id", "grad", "loss_weight")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
+    LOSS_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     grad: Tensor
-    def __init__(self, step_id: _Optional[int] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    loss_weight: float
+    def __init__(self, step_id: _Optional[int] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ..., loss_weight: _Optional[float] = ...) -> None: ...
 
 class OptimizerStep(_message.Message):
     __slots__ = ("step_id", "grad_clip_norm", "checkpoint")
@@ -251,7 +264,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("model_fingerprint", "model_name", "held_start", "held_end", "hidden_size", "num_layers", "wire_dtypes", "modes", "max_message_bytes", "protocol_version")
+    __slots__ = ("model_fingerprint", "model_name", "held_start", "held_end", "hidden_size", "num_layers", "wire_dtypes", "modes", "max_message_bytes", "protocol_version", "federation_mode", "sync_every", "fedavg_every")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     HELD_START_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +275,9 @@ class InfoReply(_message.Message):
     MODES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_MODE_FIELD_NUMBER: _ClassVar[int]
+    SYNC_EVERY_FIELD_NUMBER: _ClassVar[int]
+    FEDAVG_EVERY_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     model_name: str
     held_start: int
@@ -272,7 +288,10 @@ class InfoReply(_message.Message):
     modes: _containers.RepeatedScalarFieldContainer[Mode]
     max_message_bytes: int
     protocol_version: int
-    def __init__(self, model_fingerprint: _Optional[str] = ..., model_name: _Optional[str] = ..., held_start: _Optional[int] = ..., held_end: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., wire_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., modes: _Optional[_Iterable[_Union[Mode, str]]] = ..., max_message_bytes: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    federation_mode: FederationMode
+    sync_every: int
+    fedavg_every: int
+    def __init__(self, model_fingerprint: _Optional[str] = ..., model_name: _Optional[str] = ..., held_start: _Optional[int] = ..., held_end: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., wire_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., modes: _Optional[_Iterable[_Union[Mode, str]]] = ..., max_message_bytes: _Optional[int] = ..., protocol_version: _Optional[int] = ..., federation_mode: _Optional[_Union[FederationMode, str]] = ..., sync_every: _Optional[int] = ..., fedavg_every: _Optional[int] = ...) -> None: ...
 
 class AdapterUpload(_message.Message):
     __slots__ = ("round", "client_id", "num_examples", "tensors")

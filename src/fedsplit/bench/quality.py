@@ -1,0 +1,55 @@
+"""`fedsplit bench quality`: centralized vs split (no noise) vs split (default noise), same seed and data."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..client.train import TrainConfig, build_client, evaluate_client, run_training
+from ..model.loading import load_tokenizer
+from .procs import server_process
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NOISE = 0.02  # relative to each token's RMS (the demo's and the paper's order of magnitude)
+
+
+def run(model: str = "smollm2-135m", task: str = "sentiment", steps: int = 100, batch_size: int = 8,
+        lr: float = 5e-4, eval_examples: int = 300, seed: int = 0, noise: float = DEFAULT_NOISE,
+        max_length: int = 96, out: Path | None = None, wire_dtype: str = "fp16") -> dict:
+    from ..tasks import load_task
+
+    base = dict(model=model, task=task, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                eval_examples=eval_examples, max_length=max_length, wire_dtype=wire_dtype)
+    rows = {}
+    untrained = build_client(TrainConfig(**base, centralized=True))
+    metrics = evaluate_client(untrained, load_task(task, seed=seed), load_tokenizer(model),
+                              max_examples=eval_examples)
+    rows["untrained"] = {**metrics, "train_seconds": 0.0}
+    del untrained
+    runs = [("centralized", dict(centralized=True)), ("split", dict()), ("split+noise", dict(noise=noise,
+                                                                                           noise_relative=True))]
+    with server_process(model) as (address, _):
+        for name, extra in runs:
+            cfg = TrainConfig(**base, **extra, server=None if extra.get("centralized") else address,
+                              out=str(out / name) if out else None)
+            log.info("bench quality: %s", name)
+            summary = run_training(cfg)
+            rows[name] = {**summary["after"], "train_seconds": summary["train_seconds"],
+                          "final_loss": summary["history"][-1]["loss"]}
+    metric = next(k for k in rows["centralized"] if k not in ("train_seconds", "final_loss"))
+    flat = {"model": model, "task": task, "steps": steps, "seed": seed, "metric": metric, "noise": noise}
+    for name, row in rows.items():
+        key = name.replace("+", "_")
+        flat[f"{key}_{metric}"] = row[metric]
+        flat[f"{key}_seconds"] = row["train_seconds"]
+    flat["split_minus_centralized"] = flat[f"split_{metric}"] - flat[f"centralized_{metric}"]
+    flat["split_noise_minus_centralized"] = flat[f"split_noise_{metric}"] - flat[f"centralized_{metric}"]
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "quality.json").write_text(json.dumps(flat, indent=2))
+        lines = [f"| run | {metric} | train seconds |", "| --- | ---: | ---: |"]
+        lines += [f"| {n} | {r[metric]:.4f} | {r['train_seconds']:.0f} |" for n, r in rows.items()]
+        (out / "quality.md").write_text("\n".join(lines) + "\n")
+    return flat

@@ -1,0 +1,154 @@
+"""`fedsplit bench train-modes`: sequential vs client-batch vs server-hierarchical, side by side.
+
+One run: the same client processes, the same data and the same total examples for
+every mode, at each round-trip time. Besides the wall times and the speedups it reports
+the bound this machine allows. Every party shares the machine's cores, so no mode can
+finish faster than the *pure compute* of the work — the same client steps (head, body and
+tail forward and backward, optimiser steps) run in one process with no network and no
+serialisation, measured in the same run. The bound on a mode's speedup over sequential is
+therefore ``sequential time / pure compute time``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from .simulate import GlobalModel, SimulateConfig, run_job, write_report
+from .workers import ClientPool
+
+log = logging.getLogger(__name__)
+
+PARALLEL = ("client-batch", "server-hierarchical")
+MODES = ("sequential", *PARALLEL)
+SHORT = {"sequential": "seq", "client-batch": "cb", "server-hierarchical": "sh"}
+
+
+@dataclass
+class TrainModesConfig:
+    """`fedsplit bench train-modes` options; the rest of a run is a :class:`SimulateConfig`."""
+
+    rtt_ms: tuple[float, ...] = field(default=(0.0, 20.0, 50.0), metadata={"help": "round-trip times to measure"})
+    eval_examples: int = field(default=200, metadata={"help": "test examples per mode's global model, evaluated "
+                                                              "at the first RTT (0 = skip)"})
+    out: str = field(default="results/train-modes", metadata={"help": "report folder"})
+
+
+def measure_compute(cfg: SimulateConfig) -> float:
+    """Seconds the runs' client steps take in one process, without network or serialisation."""
+    import torch
+
+    from ..client.core import LocalTransport, SplitClient
+    from ..model.loading import load_config, load_tokenizer
+    from ..model.lora import LoraSettings, add_lora
+    from ..model.split import body_span, load_part, num_layers
+    from ..server.session import SessionConfig
+    from ..tasks import iterate_batches, load_task, partition
+
+    p, q = cfg.head_layers[0], cfg.tail_layers[0]
+    lora = LoraSettings(rank=cfg.rank, alpha=cfg.alpha)
+    tokenizer = load_tokenizer(cfg.model)
+    task = load_task(cfg.task, max_examples=cfg.max_examples, seed=cfg.seed)
+    parts = partition(task.train, cfg.clients, cfg.partition, seed=cfg.seed)
+    span = body_span(num_layers(load_config(cfg.model)), p, q)
+    head, tail = load_part(cfg.model, "head", p, q), load_part(cfg.model, "tail", p, q)
+    add_lora(head, lora, seed=cfg.seed)
+    add_lora(tail, lora, seed=cfg.seed)
+    client = SplitClient(head, tail, LocalTransport(load_part(cfg.model, "body", span=span)), span)
+    client.start_training(SessionConfig(span=span, mode="train", max_length=cfg.max_length,
+                                        max_batch=cfg.batch_size, lora=lora, lr=cfg.lr, seed=cfg.seed), lr=cfg.lr)
+    batches = []
+    for i, part in enumerate(parts):  # the same batches the client processes train on
+        stream = iterate_batches(part, tokenizer, cfg.batch_size, seed=cfg.seed + 1009 * (i + 1),
+                                 max_length=cfg.max_length)
+        batches.append([next(stream) for _ in range(cfg.steps)])
+    client.train_step(batches[0][0])  # warm-up, not timed
+    torch.manual_seed(cfg.seed)
+    started = time.perf_counter()
+    for step in range(cfg.steps):
+        for i in range(cfg.clients):
+            client.train_step(batches[i][step])
+    return time.perf_counter() - started
+
+
+def summarise(runs: list[dict], compute_seconds: float) -> list[dict]:
+    """Per RTT: wall time per mode, speedups over sequential, the bound and the fraction of it reached."""
+    rows = []
+    for rtt in sorted({r["rtt_ms"] for r in runs}):
+        wall = {r["mode"]: r["wall_seconds"] for r in runs if r["rtt_ms"] == rtt}
+        row = {"rtt_ms": rtt, **{f"{SHORT[m]}_s": wall[m] for m in MODES if m in wall}}
+        seq = wall.get("sequential")
+        bound = seq / compute_seconds if seq else None
+        row["bound"] = bound
+        for mode in PARALLEL:
+            if seq and mode in wall:
+                speedup = seq / wall[mode]
+                row[f"speedup_{SHORT[mode]}"] = speedup
+                row[f"{SHORT[mode]}_of_bound"] = speedup / bound
+        rows.append(row)
+    return rows
+
+
+def run_train_modes(sim: SimulateConfig, cfg: TrainModesConfig, progress: bool = True) -> dict:
+    """Measure every mode at every RTT with one pool of client processes; write the report."""
+    from ..tasks import load_task
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for mode in MODES:
+        replace(sim, mode=mode).check()
+    started = time.perf_counter()
+    log.info("measuring the pure compute of %d x %d client steps in one process", sim.clients, sim.steps)
+    compute = measure_compute(sim)
+    log.info("pure compute: %.1fs", compute)
+    runs: list[dict] = []
+    with ClientPool(sim.specs()) as pool:
+        for rtt in cfg.rtt_ms:
+            for mode in MODES:
+                name = f"{mode}@{rtt:g}ms"
+                run = run_job(pool, replace(sim, mode=mode, rtt_ms=rtt), out, name, progress,
+                              save_dir=out / "adapters" / name)
+                log.info("%s: %.1fs", name, run["wall_seconds"])
+                runs.append(run)
+    accuracy = {}
+    if cfg.eval_examples > 0:
+        task = load_task(sim.task, max_examples=sim.max_examples, seed=sim.seed)
+        model = GlobalModel(sim.model, sim.head_layers[0], sim.tail_layers[0], sim.rank, sim.alpha)
+        first = cfg.rtt_ms[0]
+        for run in runs:
+            if run["rtt_ms"] == first:
+                model.load(out / "adapters" / run["name"])
+                run["eval"] = model.evaluate(task, cfg.eval_examples)
+                accuracy[run["mode"]] = run["eval"]
+    table = summarise(runs, compute)
+    figures = {
+        "model": sim.model, "clients": sim.clients, "steps_per_client": sim.steps, "batch_size": sim.batch_size,
+        "examples_per_mode": sim.clients * sim.steps * sim.batch_size, "compute_s": compute,
+        "rows": table, "eval": accuracy, "total_seconds": time.perf_counter() - started,
+    }
+    report = {"config": {"simulate": asdict(sim), "bench": asdict(cfg)}, "runs": runs, "figures": figures}
+    write_report(report, out, f"fedsplit bench train-modes: {sim.model}, {sim.clients} clients")
+    plot_wall_times(table, out / "wall.png")
+    return figures
+
+
+def plot_wall_times(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.25
+    for k, mode in enumerate(MODES):
+        xs = [i + (k - 1) * width for i in range(len(table))]
+        ax.bar(xs, [row.get(f"{SHORT[mode]}_s", 0) for row in table], width, label=mode)
+    ax.set_xticks(range(len(table)), [f"{row['rtt_ms']:g} ms" for row in table])
+    ax.set_xlabel("round-trip time")
+    ax.set_ylabel("wall time (s)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

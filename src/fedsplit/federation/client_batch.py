@@ -1,0 +1,225 @@
+"""``client-batch`` training: one body forward, one backward and one optimiser step per round.
+
+The forwards of the clients in a round (every attached client, or those that arrived
+within the round timeout) are concatenated into one batch. Clients send sequences of
+different lengths; since every row is left-padded, a shorter client's rows just get more
+left padding (``pad_lengths`` grows by the difference), which the mask rule already
+excludes, so each row sees exactly the keys it would see alone. The output is cut back
+into each client's slice.
+
+The gradients of the round are gathered the same way and run as one backward. Each
+client's loss is a mean over its own target tokens; to give the body the update of *one*
+client holding the union of the batches (a mean over all target tokens), client ``i``'s
+gradient is weighted by ``n_i / sum(n)``, where ``n_i`` is the ``loss_weight`` it sends
+with its ``Backward`` (its number of target tokens; 1 if absent). The gradient returned
+to each client is divided by its weight again, so its head learns from its own loss as
+in any other mode. A client whose gradient does not arrive in time contributes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..server.session import BodySession, SessionError
+from .modes import SHARED_ADAPTER, SharedAdapter
+from .rounds import Gather
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Slot:
+    """One client's part of a round: its rows and length inside the joint batch."""
+
+    session: BodySession
+    step_id: int
+    rows: slice
+    length: int
+
+
+@dataclass
+class Round:
+    """A joint forward awaiting its backward, then its optimiser step."""
+
+    number: int
+    span: tuple[int, int]
+    inputs: torch.Tensor | None
+    outputs: torch.Tensor | None
+    slots: dict[str, _Slot]
+    contributed: set[str] = field(default_factory=set)
+    backwards: Gather | None = None
+    steps: Gather | None = None
+
+
+class ClientBatch(SharedAdapter):
+    """Gathers the round's forwards, backwards and steps; runs each once for all clients."""
+
+    mode = "client-batch"
+
+    def __init__(self, servicer) -> None:
+        super().__init__(servicer)
+        self.forwards = Gather("client-batch forward", self.timeout, self.waiting_for_forward, self._forward_round)
+        self.rounds = 0
+        self.by_session: dict[str, Round] = {}  # awaiting backward or step
+        self.live: set[int] = set()
+        self._open: dict[int, Round] = {}
+        self.rows = 0
+
+    def waiting_for_forward(self) -> set[str]:
+        """Clients expected in the next forward round: attached, and not still inside a round."""
+        return self.shared_ids() - set(self.by_session)
+
+    def poke(self) -> None:
+        super().poke()
+        self.forwards.poke()
+        for rnd in list(self._open.values()):
+            for gather in (rnd.backwards, rnd.steps):
+                if gather is not None:
+                    gather.poke()
+
+    def detach(self, session: BodySession) -> None:
+        rnd = self.by_session.pop(session.id, None)
+        if rnd is not None:
+            log.warning("client-batch round %d: %s left mid-round; the round goes on without it",
+                        rnd.number, session.id)
+        super().detach(session)
+
+    # ------------------------------------------------------------------ forward
+
+    async def forward(self, session, step_id, hidden, pad, offset):
+        if not self.shared(session):
+            return await super().forward(session, step_id, hidden, pad, offset)
+        session._check(hidden, pad, offset)
+        if offset != 0:
+            raise SessionError("INVALID_ARGUMENT", "client-batch training runs whole sequences: position_offset must be 0")
+        if session.id in self.by_session:
+            raise SessionError("FAILED_PRECONDITION",
+                               "client-batch: finish the pending step (backward, then optimizer step) first")
+        return await self.forwards.submit(session.id, (session, step_id, hidden, pad))
+
+    async def _forward_round(self, items: dict) -> dict:
+        groups: dict[tuple[int, int], dict] = {}
+        for sid, item in items.items():
+            groups.setdefault(tuple(item[0].config.span), {})[sid] = item
+        results: dict = {}
+        for span, members in groups.items():
+            self.rounds += 1
+            rnd, outs = await self.servicer._run(self._joint_forward, self.rounds, span, members)
+            self._open[rnd.number] = rnd
+            rnd.backwards = Gather(f"client-batch backward {rnd.number}", self.timeout,
+                                   lambda r=rnd: self._members(r, r.slots), lambda it, r=rnd: self._backward_round(r, it))
+            for sid in members:
+                self.by_session[sid] = rnd
+            results.update(outs)
+        return results
+
+    def _joint_forward(self, number: int, span: tuple[int, int], members: dict):
+        longest = max(item[2].shape[1] for item in members.values())
+        hidden, pad, slots, row = [], [], {}, 0
+        for sid, (session, step_id, h, p) in members.items():
+            extra = longest - h.shape[1]
+            hidden.append(F.pad(h, (0, 0, extra, 0)))
+            pad.append(p.to(torch.long) + extra)
+            slots[sid] = _Slot(session, step_id, slice(row, row + h.shape[0]), h.shape[1])
+            row += h.shape[0]
+        inputs = torch.cat(hidden).detach().requires_grad_()
+        self.servicer.pool.activate(SHARED_ADAPTER)
+        outputs = self.servicer.body(inputs, torch.cat(pad), None, 0, span=span)
+        self.rows += row
+        out = outputs.detach()
+        results = {sid: out[s.rows, longest - s.length:] for sid, s in slots.items()}
+        log.debug("client-batch round %d: %d client(s), %d rows, %d tokens", number, len(slots), row, longest)
+        return Round(number, span, inputs, outputs, slots), results
+
+    def _members(self, rnd: Round, among) -> set[str]:
+        return {sid for sid in among if sid in self.attached and self.by_session.get(sid) is rnd}
+
+    # ------------------------------------------------------------------ backward
+
+    async def backward(self, session, step_id, grad, weight=None):
+        rnd = self.by_session.get(session.id)
+        if not self.shared(session):
+            return await super().backward(session, step_id, grad, weight)
+        if rnd is None or rnd.backwards is None or rnd.slots[session.id].step_id != step_id:
+            raise SessionError("NOT_FOUND", f"no pending forward for step {step_id} (never sent, already used, or "
+                                            "its client-batch round closed without this client)")
+        slot = rnd.slots[session.id]
+        expected = (slot.rows.stop - slot.rows.start, slot.length, session.hidden_size)
+        if tuple(grad.shape) != expected:
+            raise SessionError("INVALID_ARGUMENT", f"grad has shape {list(grad.shape)}, expected {list(expected)}")
+        weight = 1.0 if weight is None else float(weight)
+        if not weight >= 0:
+            raise SessionError("INVALID_ARGUMENT", f"loss_weight must be >= 0, got {weight}")
+        return await rnd.backwards.submit(session.id, (grad, weight))
+
+    async def _backward_round(self, rnd: Round, items: dict) -> dict:
+        for sid in set(rnd.slots) - set(items):
+            if self.by_session.get(sid) is rnd:
+                del self.by_session[sid]  # its gradient is lost; its next forward joins a new round
+        rnd.contributed = set(items)
+        rnd.steps = Gather(f"client-batch step {rnd.number}", self.timeout,
+                           lambda r=rnd: self._members(r, r.contributed), lambda it, r=rnd: self._step_round(r, it))
+        try:
+            return await self.servicer._run(self._joint_backward, rnd, items)
+        except Exception:
+            for sid in items:
+                self.by_session.pop(sid, None)
+            self._open.pop(rnd.number, None)
+            raise
+
+    def _joint_backward(self, rnd: Round, items: dict) -> dict:
+        total = sum(w for _, w in items.values())
+        full = torch.zeros_like(rnd.outputs)
+        shares = {}
+        for sid, (grad, weight) in items.items():
+            slot = rnd.slots[sid]
+            share = weight / total if total > 0 else 1.0 / len(items)
+            shares[sid] = share
+            full[slot.rows, full.shape[1] - slot.length:] = grad.to(full.dtype) * share
+        rnd.outputs.backward(full)
+        grad_in = rnd.inputs.grad
+        rnd.inputs = rnd.outputs = None  # free the graph
+        results = {}
+        for sid, share in shares.items():
+            slot = rnd.slots[sid]
+            part = grad_in[slot.rows, grad_in.shape[1] - slot.length:]
+            results[sid] = part / share if share > 0 else torch.zeros_like(part)
+        return results
+
+    # ------------------------------------------------------------------ optimiser step
+
+    async def step(self, session, clip):
+        rnd = self.by_session.get(session.id)
+        if not self.shared(session):
+            return await super().step(session, clip)
+        if rnd is None or rnd.steps is None:
+            log.warning("client-batch: %s sent a step outside any round; nothing to apply", session.id)
+            return
+        await rnd.steps.submit(session.id, clip)
+
+    async def _step_round(self, rnd: Round, items: dict) -> dict:
+        clip = max(items.values(), default=0.0)
+        try:
+            await self.servicer._run(self._apply, clip)
+        finally:
+            for sid in rnd.slots:
+                if self.by_session.get(sid) is rnd:
+                    del self.by_session[sid]
+            self._open.pop(rnd.number, None)
+            self.forwards.poke()
+        for sid in items:
+            session = rnd.slots[sid].session
+            session.steps = getattr(session, "steps", 0) + 1
+        return {sid: None for sid in items}
+
+    def _apply(self, clip: float) -> None:
+        if self.optimizer is None:
+            return
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.servicer.pool.parameters(SHARED_ADAPTER), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)

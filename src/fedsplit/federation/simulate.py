@@ -1,0 +1,231 @@
+"""`fedsplit simulate`: one server, N client processes on loopback, a report.
+
+The server runs in its own process (``fedsplit serve --mode ...``), each client in its
+own process with its partition of the task's training set. With ``rtt_ms`` or
+``bandwidth_mbps`` the clients reach the server through :class:`ShapingProxy`, so
+wide-area behaviour is measured on one machine. After training, client 0 saves the
+global adapters (head/, body/, tail/ — the layout `fedsplit export` reads) and the
+parent evaluates that global model on the task's test split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .modes import check_mode
+from .workers import ClientPool, ClientSpec, Job
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SimulateConfig:
+    """One simulated federation; every field is a `fedsplit simulate` option."""
+
+    model: str = field(default="smollm2-135m", metadata={"help": "model spec"})
+    clients: int = field(default=8, metadata={"help": "number of client processes"})
+    mode: str = field(default="server-hierarchical", metadata={"help": "sequential | client-batch | "
+                                                                      "server-hierarchical"})
+    task: str = field(default="sentiment", metadata={"help": "task name (fedsplit.tasks)"})
+    partition: str = field(default="iid", metadata={"help": "iid | dirichlet:ALPHA"})
+    steps: int = field(default=100, metadata={"help": "training steps per client"})
+    batch_size: int = field(default=8, metadata={"help": "examples per client step"})
+    lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate (head, body and tail LoRA)"})
+    max_length: int = field(default=128, metadata={"help": "token limit per example"})
+    max_examples: int | None = field(default=None, metadata={"help": "cap on the task's training examples"})
+    head_layers: tuple[int, ...] = field(default=(2,), metadata={"help": "p; a list cycles over the clients"})
+    tail_layers: tuple[int, ...] = field(default=(2,), metadata={"help": "q; a list cycles over the clients"})
+    sync_every: int = field(default=10, metadata={"help": "server-hierarchical: FedAvg of body replicas every R "
+                                                          "steps"})
+    fedavg_every: int = field(default=10, metadata={"help": "FedAvg of head/tail adapters every R steps (0 = off)"})
+    round_timeout: float = field(default=60.0, metadata={"help": "seconds a round waits for missing clients"})
+    rtt_ms: float = field(default=0.0, metadata={"help": "round-trip time added by the shaping proxy"})
+    bandwidth_mbps: float = field(default=0.0, metadata={"help": "per-client bandwidth cap (0 = none)"})
+    wire_dtype: str = field(default="fp16", metadata={"help": "fp32 | fp16 | bf16 | int8"})
+    rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha"})
+    seed: int = field(default=0, metadata={"help": "seed for partition, data order and LoRA init"})
+    eval_examples: int = field(default=200, metadata={"help": "test examples for the global model (0 = skip)"})
+    out: str = field(default="runs/simulate", metadata={"help": "report folder"})
+
+    def check(self) -> None:
+        """Raise ValueError with what to change, for options that cannot work."""
+        check_mode(self.mode)
+        if self.mode == "independent":
+            raise ValueError("simulate needs a federated mode: sequential, client-batch or server-hierarchical")
+        if self.clients < 1 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("--clients, --steps and --batch-size must be at least 1")
+        if self.mode == "server-hierarchical" and self.sync_every and self.steps % self.sync_every:
+            raise ValueError(f"--steps {self.steps} is not a multiple of --sync-every {self.sync_every}: the last "
+                             f"body sync would not include the final steps; use e.g. --steps "
+                             f"{math.ceil(self.steps / self.sync_every) * self.sync_every}")
+        from ..tasks.partition import parse_scheme
+
+        parse_scheme(self.partition)
+
+    def specs(self) -> list[ClientSpec]:
+        heads, tails = list(self.head_layers) or [2], list(self.tail_layers) or [2]
+        return [
+            ClientSpec(index=i, n_clients=self.clients, model=self.model, task=self.task, partition=self.partition,
+                       head_layers=heads[i % len(heads)], tail_layers=tails[i % len(tails)],
+                       batch_size=self.batch_size, max_length=self.max_length, max_examples=self.max_examples,
+                       lr=self.lr, rank=self.rank, alpha=self.alpha, seed=self.seed, wire_dtype=self.wire_dtype)
+            for i in range(self.clients)
+        ]
+
+    def serve_args(self) -> list[str]:
+        fedavg = self.sync_every if self.mode == "server-hierarchical" and self.sync_every else self.fedavg_every
+        return ["--mode", self.mode, "--sync-every", str(self.sync_every if self.mode == "server-hierarchical" else 0),
+                "--fedavg-every", str(fedavg), "--round-timeout", str(self.round_timeout),
+                "--memory-budget", "1024GiB"]
+
+
+@contextlib.contextmanager
+def federation_server(cfg: SimulateConfig, log_path: Path):
+    """``fedsplit serve`` for ``cfg`` (and the shaping proxy in front of it); yields the address clients use."""
+    from ..bench.procs import server_process
+    from .proxy import ShapingProxy
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file, server_process(cfg.model, *cfg.serve_args(), log_file=log_file) as (
+            address, _):
+        if cfg.rtt_ms > 0 or cfg.bandwidth_mbps > 0:
+            host, port = address.rsplit(":", 1)
+            with ShapingProxy((host, int(port)), cfg.rtt_ms, cfg.bandwidth_mbps) as proxy:
+                yield proxy.address
+        else:
+            yield address
+
+
+def run_job(pool: ClientPool, cfg: SimulateConfig, out: Path, name: str, progress: bool = True,
+            save_dir: Path | None = None) -> dict:
+    """One training run of every client of ``pool`` under ``cfg``; returns the run's figures.
+
+    Client 0 saves the global adapters to ``save_dir`` (default ``out/global``).
+    """
+    from tqdm import tqdm
+
+    total = cfg.clients * cfg.steps
+    bar = tqdm(total=total, desc=f"{name}", disable=not progress, dynamic_ncols=True, leave=False)
+    losses: dict[int, list[float]] = {}
+
+    def on_step(event: dict) -> None:
+        losses.setdefault(event["client"], []).append(event["loss"])
+        bar.update(1)
+        bar.set_postfix(loss=f"{event['loss']:.3f}")
+
+    try:
+        with federation_server(cfg, out / f"server-{name}.log") as address:
+            started, results = pool.run(Job(address=address, steps=cfg.steps, name=name,
+                                            save_dir=str(save_dir or out / "global")), on_step)
+    finally:
+        bar.close()
+    wall = max(r["end"] for r in results) - started
+    examples = cfg.clients * cfg.steps * cfg.batch_size
+    return {
+        "name": name, "mode": cfg.mode, "rtt_ms": cfg.rtt_ms, "bandwidth_mbps": cfg.bandwidth_mbps,
+        "wall_seconds": wall, "examples": examples, "examples_per_second": examples / wall,
+        "bytes": sum(r["bytes_sent"] + r["bytes_received"] for r in results),
+        "clients": [{k: r[k] for k in ("client", "examples", "labels", "span", "losses", "fedavg_rounds",
+                                       "bytes_sent", "bytes_received")} | {"seconds": r["end"] - r["start"]}
+                    for r in results],
+    }
+
+
+class GlobalModel:
+    """The split model in this process with the global adapters loaded: evaluates a run's result."""
+
+    def __init__(self, model: str, head_layers: int, tail_layers: int, rank: int, alpha: float) -> None:
+        from ..model.lora import LoraSettings, add_lora
+        from ..model.loading import load_tokenizer
+        from ..model.split import load_split
+
+        self.model = model
+        self.split = load_split(model, head_layers, tail_layers)
+        settings = LoraSettings(rank=rank, alpha=alpha)
+        for segment in (self.split.head, self.split.body, self.split.tail):
+            add_lora(segment, settings)
+        self.tokenizer = load_tokenizer(model)
+
+    def load(self, adapters: Path) -> None:
+        from ..model.lora import load_lora_state_dict, read_adapter
+
+        for name in ("head", "body", "tail"):
+            state, _ = read_adapter(adapters / name)
+            load_lora_state_dict(getattr(self.split, name), state)
+
+    def evaluate(self, task, max_examples: int) -> dict:
+        import torch
+
+        from ..tasks import evaluate
+
+        def logits_fn(ids, pad):
+            with torch.no_grad():
+                return self.split(ids, pad)
+
+        return evaluate(task, self.tokenizer, logits_fn, split="test", max_examples=max_examples, progress=False)
+
+
+def write_report(report: dict, out: Path, title: str) -> None:
+    """report.json, report.md and loss.png (mean training loss over the clients per step)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    runs = report["runs"]
+    lines = [f"# {title}", "", "| run | mode | rtt ms | wall s | examples/s | MiB on the wire | metric |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for run in runs:
+        metric = ", ".join(f"{k} {v:.3f}" for k, v in (run.get("eval") or {}).items()) or "-"
+        lines.append(f"| {run['name']} | {run['mode']} | {run['rtt_ms']:g} | {run['wall_seconds']:.1f} | "
+                     f"{run['examples_per_second']:.1f} | {run['bytes'] / 2**20:.1f} | {metric} |")
+    lines += ["", "Configuration:", "", "```json", json.dumps(report["config"], indent=2, default=str), "```", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    plot_losses(runs, out / "loss.png")
+
+
+def plot_losses(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        curves = [c["losses"] for c in run["clients"]]
+        steps = min(len(c) for c in curves)
+        mean = np.mean([c[:steps] for c in curves], axis=0)
+        ax.plot(range(1, steps + 1), mean, label=f"{run['name']} (mean of {len(curves)} clients)")
+    ax.set_xlabel("client step")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
+    """Train ``cfg.clients`` clients against one server, evaluate the global model, write the report."""
+    cfg.check()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with ClientPool(cfg.specs()) as pool:
+        log.info("%d client processes loaded in %.0fs", cfg.clients, time.perf_counter() - t0)
+        run = run_job(pool, cfg, out, cfg.mode, progress)
+    if cfg.eval_examples > 0:
+        from ..tasks import load_task
+
+        model = GlobalModel(cfg.model, cfg.head_layers[0], cfg.tail_layers[0], cfg.rank, cfg.alpha)
+        model.load(out / "global")
+        task = load_task(cfg.task, max_examples=cfg.max_examples, seed=cfg.seed)
+        run["eval"] = model.evaluate(task, cfg.eval_examples)
+    report = {"config": asdict(cfg), "runs": [run]}
+    write_report(report, out, f"fedsplit simulate: {cfg.clients} clients, {cfg.mode}")
+    return report
