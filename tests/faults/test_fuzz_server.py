@@ -91,7 +91,7 @@ dims = st.one_of(st.sampled_from([0, 1, 2, 3, 4, HIDDEN, HIDDEN + 1]), st.sample
 @st.composite
 def tensors(draw, hidden_like: bool = True):
     """Mostly well-formed hidden states, sometimes with wrong dtype, shape, length, NaN/Inf or huge sizes."""
-    kind = draw(st.sampled_from(["good", "good", "nonfinite", "shape", "dtype", "length", "huge"]))
+    kind = draw(st.sampled_from(["good"] * 5 + ["nonfinite", "shape", "dtype", "length", "huge"]))
     rows, tokens = draw(st.integers(1, 2)), draw(st.integers(1, 4))
     t = torch.randn(rows, tokens, HIDDEN, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
     if kind == "nonfinite":
@@ -122,37 +122,50 @@ lora_configs = st.builds(
 
 @st.composite
 def opens(draw, h):
-    req = pb.OpenSession(
-        model_fingerprint=draw(st.sampled_from([h.fingerprint, h.fingerprint, "", "0123456789abcdef"])),
-        span_start=draw(st.sampled_from([0, 1, 2, 3, 5, 2**32 - 1])),
-        span_end=draw(st.sampled_from([0, 1, 3, 4, 9, 2**32 - 1])),
-        mode=draw(st.sampled_from([pb.TRAIN, pb.GENERATE, pb.GENERATE, 0, 7])),
-        max_length=draw(st.sampled_from([0, 1, 8, 16, 1 << 20, 2**32 - 1])),
-        wire_dtype=draw(st.sampled_from([0, 1, 2, 3, 4, 5, 99])),
-        max_batch_size=draw(st.sampled_from([0, 1, 2, 1 << 30])),
-    )
-    if draw(st.booleans()):
-        req.lora.CopyFrom(draw(lora_configs))
-    if draw(st.booleans()):
-        req.learning_rate = draw(st.floats(allow_nan=True, allow_infinity=True))
-    if draw(st.integers(0, 5)) == 0:
-        req.resume_session_id = draw(st.sampled_from(["", "s1-bob", h.bob.id, "x" * 300, "s999-alice"]))
-    if draw(st.integers(0, 3)) == 0:
-        req.run_id = draw(st.sampled_from(["r1", "r2", "../../etc", "", "é", "a" * 80, ".hidden"]))
-        req.resume_steps.extend(draw(st.lists(st.sampled_from([0, 1, 2, 4, 2**63]), max_size=3)))
+    """A valid OpenSession (TRAIN or GENERATE) with zero to three fields replaced by hostile values."""
+    mode = draw(st.sampled_from([pb.TRAIN, pb.GENERATE]))
+    req = pb.OpenSession(model_fingerprint=h.fingerprint, span_start=1, span_end=3, mode=mode, max_length=16,
+                         wire_dtype=draw(st.sampled_from([pb.FP32, pb.FP16, pb.BF16, pb.INT8])),
+                         max_batch_size=draw(st.sampled_from([0, 1, 2])))
+    if mode == pb.TRAIN and draw(st.booleans()):
+        req.lora.CopyFrom(pb.LoraConfig(rank=2, alpha=4.0))
+        req.run_id = draw(st.sampled_from(["r1", "r2"]))
+    hostile = {
+        "model_fingerprint": st.sampled_from(["", "0123456789abcdef", "x" * 1000]),
+        "span_start": st.sampled_from([0, 2, 3, 5, 2**32 - 1]),
+        "span_end": st.sampled_from([0, 1, 4, 9, 2**32 - 1]),
+        "mode": st.sampled_from([0, 7, -1]),
+        "max_length": st.sampled_from([0, 1, 1 << 20, 2**32 - 1]),
+        "wire_dtype": st.sampled_from([5, 99, -4]),
+        "max_batch_size": st.sampled_from([1 << 30, 2**32 - 1]),
+        "lora": lora_configs,
+        "learning_rate": st.floats(allow_nan=True, allow_infinity=True),
+        "weight_decay": st.floats(allow_nan=True, allow_infinity=True),
+        "resume_session_id": st.sampled_from(["", "s1-bob", h.bob.id, "x" * 300, "s999-alice"]),
+        "run_id": st.sampled_from(["../../etc", "", "\u00e9", "a" * 80, ".hidden", "r1"]),
+        "resume_steps": st.lists(st.sampled_from([0, 1, 2, 4, 2**63]), max_size=3),
+    }
+    for name in draw(st.lists(st.sampled_from(sorted(hostile)), max_size=3, unique=True)):
+        value = draw(hostile[name])
+        if name == "lora":
+            req.lora.CopyFrom(value)
+        elif name == "resume_steps":
+            req.resume_steps.extend(value)
+        else:
+            setattr(req, name, value)
     return req
 
 
 @st.composite
 def requests(draw):
-    kind = draw(st.sampled_from(["forward", "forward", "forward", "backward", "step", "fetch", "put", "empty",
-                                 "open", "close"]))
+    kind = draw(st.sampled_from(["forward"] * 6 + ["backward"] * 3 + ["step"] * 2 + ["fetch", "put", "empty", "open",
+                                                                                     "close"]))
     if kind == "forward":
         t = draw(tensors())
         rows = t.shape[0] if len(t.shape) > 0 and t.shape[0] <= 4 else 1
-        pad = draw(st.one_of(st.just([0] * rows), st.lists(st.integers(0, 2**32 - 1), max_size=3)))
+        pad = draw(st.sampled_from([[0] * rows] * 3 + [[], [1] * rows, [0, 0, 0], [2**32 - 1] * rows]))
         return pb.ClientMessage(forward=pb.Forward(
-            step_id=draw(step_ids), hidden=t, pad_lengths=pad, position_offset=draw(st.sampled_from([0, 0, 1, 4, 2**32 - 1])),
+            step_id=draw(step_ids), hidden=t, pad_lengths=pad, position_offset=draw(st.sampled_from([0, 0, 0, 1, 2, 3, 4, 2**32 - 1])),
             use_cache=draw(st.booleans()), keep_graph=draw(st.booleans())))
     if kind == "backward":
         return pb.ClientMessage(backward=pb.Backward(step_id=draw(step_ids), grad=draw(tensors())))
@@ -187,7 +200,7 @@ def _serialize(msgs) -> list[bytes]:
 def test_random_sessions_get_clear_statuses(h, data):
     """A fuzzed OpenSession followed by up to six fuzzed requests (valid, malformed, replayed, out of order)."""
     msgs = [pb.ClientMessage(seq=0, open=data.draw(opens(h)))]
-    msgs += data.draw(st.lists(requests(), max_size=6))
+    msgs += data.draw(st.lists(requests(), min_size=1, max_size=6))
     for seq, m in enumerate(msgs):
         m.seq = seq
     h.run("sessions", _serialize(msgs), h.tokens["alice"])

@@ -240,6 +240,19 @@ def bench_generate(
             "fedsplit bench generate")
 
 
+@bench_app.command("memory")
+def bench_memory(
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    head_layers: int = typer.Option(2, help="p"),
+    tail_layers: int = typer.Option(2, help="q"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures here"),
+) -> None:
+    """Resident memory of the server (body only) and the client (head + tail) vs the unsplit model."""
+    from ..bench.memory import run
+
+    _report(run(model, head_layers, tail_layers), json_out, "fedsplit bench memory")
+
+
 @bench_app.command("quality")
 def bench_quality(
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),

@@ -10,7 +10,7 @@ import torch
 from ..model.lora import LoraSettings, add_lora, load_lora_state_dict, read_adapter
 from ..model.loading import DEFAULT_MODEL, load_config, load_tokenizer, model_fingerprint
 from ..model.segments import KVCache
-from ..model.split import body_span, load_part, num_layers
+from ..model.split import body_span, load_client_parts, load_part, num_layers
 from ..server.session import SessionConfig
 from .core import LocalTransport, SplitClient
 
@@ -65,8 +65,7 @@ class SplitModelForCausalLM:
         """
         config = load_config(spec)
         span = body_span(num_layers(config), head_layers, tail_layers)
-        head = load_part(spec, "head", head_layers, tail_layers)
-        tail = load_part(spec, "tail", head_layers, tail_layers)
+        head, tail = load_client_parts(spec, head_layers, tail_layers)
         if adapters is not None:
             for name, segment in (("head", head), ("tail", tail)):
                 state, settings = read_adapter(Path(adapters) / name)

@@ -12,7 +12,7 @@ import torch
 
 from ..model.lora import LoraSettings, add_lora, save_adapter
 from ..model.loading import load_config, load_tokenizer, model_fingerprint
-from ..model.split import body_span, load_part, num_layers
+from ..model.split import body_span, load_client_parts, load_part, num_layers
 from ..server.session import SessionConfig
 from .core import LocalTransport, SplitClient, lm_loss
 
@@ -75,7 +75,7 @@ def build_client(cfg: TrainConfig, transport=None, lora: bool = True) -> SplitCl
     p, q = (0, 0) if cfg.centralized else (cfg.head_layers, cfg.tail_layers)
     span = body_span(n, p, q)
     torch.manual_seed(cfg.seed)
-    head, tail = load_part(cfg.model, "head", p, q), load_part(cfg.model, "tail", p, q)
+    head, tail = load_client_parts(cfg.model, p, q)
     if lora:
         add_lora(head, cfg.lora, seed=cfg.seed)
         add_lora(tail, cfg.lora, seed=cfg.seed)

@@ -154,11 +154,17 @@ class GlobalModel:
         self.tokenizer = load_tokenizer(model)
 
     def load(self, adapters: Path) -> None:
-        from ..model.lora import load_lora_state_dict, read_adapter
+        from ..model.lora import load_lora_state_dict, lora_state_dict, read_adapter
 
         for name in ("head", "body", "tail"):
+            segment = getattr(self.split, name)
             state, _ = read_adapter(adapters / name)
-            load_lora_state_dict(getattr(self.split, name), state)
+            own = lora_state_dict(segment)
+            missing = set(own) - set(state)
+            if missing:
+                raise ValueError(f"{adapters / name} lacks {len(missing)} LoRA weights of the {name} "
+                                 f"(e.g. {sorted(missing)[0]}); was it trained with other partition points?")
+            load_lora_state_dict(segment, {k: v for k, v in state.items() if k in own})
 
     def evaluate(self, task, max_examples: int) -> dict:
         import torch

@@ -131,8 +131,11 @@ class _Client:
         meta = {"model": self.spec.model, "head_layers": self.spec.head_layers, "tail_layers": self.spec.tail_layers}
         save_adapter(self.client.head, out / "head", self.lora, **meta)
         save_adapter(self.client.tail, out / "tail", self.lora, **meta)
+        from .fedavg import restrict
+
         settings, state = self.client.train_session.adapter_state()
-        save_adapter(None, out / "body", settings, state=state, **meta)
+        # The server's adapter covers every layer it holds; the global body is this client's span of it.
+        save_adapter(None, out / "body", settings, state=restrict(state, self.span), **meta)
 
 
 def _worker_main(spec_json: str, commands, events, start) -> None:

@@ -210,6 +210,15 @@ def load_part(
     return segment.eval()
 
 
+def load_client_parts(spec: str, head_layers: int, tail_layers: int, dtype: torch.dtype = torch.float32):
+    """Head and tail for one data owner; a tied LM head shares the head's embedding (held once)."""
+    head = load_part(spec, "head", head_layers, tail_layers, dtype=dtype)
+    tail = load_part(spec, "tail", head_layers, tail_layers, dtype=dtype)
+    if getattr(head.config, "tie_word_embeddings", False):
+        tail.lm_head.weight = head.embed_tokens.weight
+    return head, tail
+
+
 def load_split(spec: str, head_layers: int, tail_layers: int, dtype: torch.dtype = torch.float32) -> SplitModel:
     """Load head, body and tail from a checkpoint (all three in this process)."""
     head = load_part(spec, "head", head_layers, tail_layers, dtype=dtype)

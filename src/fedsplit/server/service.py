@@ -177,6 +177,12 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                     self.stats["errors"] += 1
                     code = _status(exc.code) if isinstance(exc.code, str) else exc.code
                     reply = pb.ServerMessage(error=pb.Error(code=code.value[0], message=str(exc)))
+                except Exception as exc:  # a check we lack: the session's state is suspect, so free it
+                    log.exception("%s failed on %s of %s", kind, session.id, owner)
+                    self.stats["errors"] += 1
+                    closed = True
+                    await context.abort(grpc.StatusCode.INTERNAL, f"the server failed on this {kind} ({exc}); "
+                                        "the session is closed — open a new one")
                 reply.seq = msg.seq
                 yield reply
         finally:
@@ -216,7 +222,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         for name in ("learning_rate", "weight_decay"):
             value = getattr(req, name)
             if req.HasField(name) and not (math.isfinite(value) and 0 <= value < 1e3 and (value or name != "learning_rate")):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} must be a finite positive number")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} must be a finite number (learning_rate > 0, weight_decay >= 0)")
         config = SessionConfig(
             span=span, mode=mode, max_length=req.max_length, max_batch=batch, lora=lora,
             lr=req.learning_rate if req.HasField("learning_rate") else 2e-4,

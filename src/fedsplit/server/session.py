@@ -109,6 +109,8 @@ class BodySession:
         cache_offset, offset = offset, offset or 0
         if pad_lengths.shape != (batch,):
             raise SessionError("INVALID_ARGUMENT", f"pad_lengths has {pad_lengths.numel()} rows, hidden has {batch}")
+        if offset and (cache_offset is None or self.cache is None):  # positions past a cache that is not there
+            raise SessionError("INVALID_ARGUMENT", f"position offset {offset} without a KV cache; it must be 0")
         if cache_offset is None:
             return  # stateless: holds nothing after the call; the message size bounds it
         if batch > self.config.max_batch:
