@@ -206,6 +206,52 @@ def test_random_sessions_get_clear_statuses(h, data):
     h.run("sessions", _serialize(msgs), h.tokens["alice"])
 
 
+@FUZZ
+@given(ops=st.lists(st.one_of(st.tuples(st.just("forward"), step_ids), st.tuples(st.just("backward"), step_ids),
+                              st.tuples(st.just("step"), step_ids)), min_size=1, max_size=12))
+def test_out_of_order_and_replayed_steps_follow_the_protocol(h, ops):
+    """Valid tensors, any order of forward/backward/step ids: each reply is what the protocol says."""
+    count_case("order")
+    hidden = tensor(torch.randn(1, 3, HIDDEN, generator=torch.Generator().manual_seed(5)))
+    grad = tensor(torch.ones(1, 3, HIDDEN))
+    open_ = pb.OpenSession(model_fingerprint=h.fingerprint, span_start=1, span_end=3, mode=pb.TRAIN, max_length=8,
+                           wire_dtype=pb.FP32, lora=pb.LoraConfig(rank=2, alpha=4.0))
+    msgs, expected, pending = [pb.ClientMessage(seq=0, open=open_)], ["opened"], set()
+    for seq, (kind, step_id) in enumerate(ops, 1):
+        if kind == "forward":
+            msgs.append(pb.ClientMessage(seq=seq, forward=pb.Forward(step_id=step_id, hidden=hidden, pad_lengths=[0],
+                                                                     keep_graph=True)))
+            if step_id in pending:
+                expected.append(grpc.StatusCode.ALREADY_EXISTS)
+            elif len(pending) >= 4:  # the server's max_graphs
+                expected.append(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            else:
+                pending.add(step_id)
+                expected.append("forward_result")
+        elif kind == "backward":
+            msgs.append(pb.ClientMessage(seq=seq, backward=pb.Backward(step_id=step_id, grad=grad)))
+            expected.append("backward_result" if step_id in pending else grpc.StatusCode.NOT_FOUND)
+            pending.discard(step_id)
+        else:
+            msgs.append(pb.ClientMessage(seq=seq, step=pb.OptimizerStep(step_id=step_id)))
+            expected.append("step_done")
+            pending.clear()  # a step drops forwards still waiting: the weights they used changed
+    msgs.append(pb.ClientMessage(close=pb.Close()))
+    code, details, replies = h.raw.stream(_serialize(msgs), h.tokens["alice"])
+    assert code == grpc.StatusCode.OK, details
+    got = [_reply_kind(r) for r in replies]
+    assert got == expected
+    assert [r.seq for r in replies] == list(range(len(ops) + 1))  # one reply per request, in order
+    h.check_alive()
+
+
+def _reply_kind(reply):
+    kind = reply.WhichOneof("kind")
+    if kind != "error":
+        return kind
+    return next(c for c in grpc.StatusCode if c.value[0] == reply.error.code)
+
+
 def _valid_train_stream(h) -> list[bytes]:
     hidden = torch.randn(1, 3, HIDDEN, generator=torch.Generator().manual_seed(3))
     open_ = pb.OpenSession(model_fingerprint=h.fingerprint, span_start=1, span_end=3, mode=pb.TRAIN, max_length=8,

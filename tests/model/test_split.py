@@ -98,3 +98,19 @@ def test_kv_cache_keeps_only_its_segments_layers(tiny, padded_batch):
         parts(ids, pad, caches)
     assert [sorted(c.layers) for c in caches] == [[0], [1, 2], [3]]
     assert isinstance(caches[1], KVCache) and caches[1].nbytes() > 0
+
+
+@pytest.mark.slow
+def test_default_model_split_logits_equal_unsplit():
+    from fedsplit.model.loading import load_model
+    from fedsplit.model.split import load_split
+
+    model, tokenizer = load_model("smollm2-135m")
+    batch = tokenizer(["The capital of France is", "Hello"], return_tensors="pt", padding=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    pad = ids.shape[1] - mask.sum(-1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, position_ids=positions).logits
+        out = load_split("smollm2-135m", 2, 2)(ids, pad)  # loaded part by part from the checkpoint
+    assert (out - ref)[mask.bool()].abs().max().item() <= 1e-4

@@ -52,6 +52,11 @@ def token_prf(pred_ids, true_ids, ignore: Collection[int] = ()) -> tuple[float, 
         occurs twice in the truth.
     """
     pred_rows, true_rows = _as_rows(pred_ids), _as_rows(true_ids)
+    # An empty list is one empty sequence when the other side is one sequence.
+    if not pred_rows and len(true_rows) == 1:
+        pred_rows = [[]]
+    if not true_rows and len(pred_rows) == 1:
+        true_rows = [[]]
     if len(pred_rows) != len(true_rows):
         raise ValueError(f"{len(pred_rows)} predicted rows but {len(true_rows)} true rows")
     ignore = set(int(i) for i in ignore)

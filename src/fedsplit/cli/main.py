@@ -308,11 +308,11 @@ def eval_(
 @app.command()
 def demo(
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
-    steps: int = typer.Option(60, help="training steps"),
-    batch_size: int = typer.Option(8, help="examples per step"),
+    steps: int = typer.Option(30, help="training steps"),
+    batch_size: int = typer.Option(4, help="examples per step"),
     noise: float = typer.Option(0.02, help="Gaussian noise std on hidden states sent (relative to each "
                                 "token's RMS)"),
-    eval_examples: int = typer.Option(90, help="test examples for accuracy before and after"),
+    eval_examples: int = typer.Option(36, help="test examples for accuracy before and after"),
     out: Path = typer.Option(Path("runs/demo"), help="where the demo's adapters go"),
 ) -> None:
     """The whole system in one go: server, split fine-tuning with noise, accuracy, generation, bytes."""

@@ -59,6 +59,20 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] mask of positions whose next token is a label: the only logits the loss needs."""
+    select = torch.zeros_like(labels, dtype=torch.bool)
+    select[:, :-1] = labels[:, 1:] != -100
+    return select
+
+
+def tail_loss(tail, hidden: torch.Tensor, pad_lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``lm_loss(tail(hidden), labels)``, projecting only the positions that have a label."""
+    select = answer_positions(labels)
+    logits = tail(hidden, pad_lengths, select=select)
+    return F.cross_entropy(logits.float(), labels[:, 1:][select[:, :-1]])
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -115,7 +129,7 @@ class SplitClient:
         hidden = self.head(ids, pad)
         sent = self.send(hidden, pad)
         received = self.train_session.forward(step_id, sent.detach(), pad, 0).requires_grad_()
-        loss = lm_loss(self.tail(received, pad), labels)
+        loss = tail_loss(self.tail, received, pad, labels)
         loss.backward()
         grad_out = received.grad
         grad_sent = self.grad_defense(grad_out) if self.grad_defense is not None else grad_out

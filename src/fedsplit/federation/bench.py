@@ -36,41 +36,100 @@ class TrainModesConfig:
     out: str = field(default="results/train-modes", metadata={"help": "report folder"})
 
 
-def measure_compute(cfg: SimulateConfig) -> float:
-    """Seconds the runs' client steps take in one process, without network or serialisation."""
+class _ComputeShare:
+    """The client steps of some clients, in one process, without network or serialisation."""
+
+    def __init__(self, cfg: SimulateConfig, clients: list[int]) -> None:
+        from ..client.core import LocalTransport, SplitClient
+        from ..model.loading import load_config, load_tokenizer
+        from ..model.lora import LoraSettings, add_lora
+        from ..model.split import body_span, load_part, num_layers
+        from ..server.session import SessionConfig
+        from ..tasks import iterate_batches, load_task, partition
+
+        p, q = cfg.head_layers[0], cfg.tail_layers[0]
+        lora = LoraSettings(rank=cfg.rank, alpha=cfg.alpha)
+        tokenizer = load_tokenizer(cfg.model)
+        task = load_task(cfg.task, max_examples=cfg.max_examples, seed=cfg.seed)
+        parts = partition(task.train, cfg.clients, cfg.partition, seed=cfg.seed)
+        span = body_span(num_layers(load_config(cfg.model)), p, q)
+        head, tail = load_part(cfg.model, "head", p, q), load_part(cfg.model, "tail", p, q)
+        add_lora(head, lora, seed=cfg.seed)
+        add_lora(tail, lora, seed=cfg.seed)
+        self.client = SplitClient(head, tail, LocalTransport(load_part(cfg.model, "body", span=span)), span)
+        self.client.start_training(SessionConfig(span=span, mode="train", max_length=cfg.max_length,
+                                                 max_batch=cfg.batch_size, lora=lora, lr=cfg.lr, seed=cfg.seed),
+                                   lr=cfg.lr)
+        self.batches = []
+        for i in clients:  # the same batches the client processes train on
+            stream = iterate_batches(parts[i], tokenizer, cfg.batch_size, seed=cfg.seed + 1009 * (i + 1),
+                                     max_length=cfg.max_length)
+            self.batches.append([next(stream) for _ in range(cfg.steps)])
+        self.steps = cfg.steps
+        self.client.train_step(self.batches[0][0])  # warm-up, not timed
+
+    def run(self) -> float:
+        started = time.perf_counter()
+        for step in range(self.steps):
+            for batches in self.batches:
+                self.client.train_step(batches[step])
+        return time.perf_counter() - started
+
+
+def _compute_worker(cfg_json: str, clients: list[int], events, start) -> None:
+    import json
+
     import torch
 
-    from ..client.core import LocalTransport, SplitClient
-    from ..model.loading import load_config, load_tokenizer
-    from ..model.lora import LoraSettings, add_lora
-    from ..model.split import body_span, load_part, num_layers
-    from ..server.session import SessionConfig
-    from ..tasks import iterate_batches, load_task, partition
+    torch.set_num_threads(1)
+    raw = json.loads(cfg_json)
+    cfg = SimulateConfig(**{**raw, "head_layers": tuple(raw["head_layers"]), "tail_layers": tuple(raw["tail_layers"])})
+    try:
+        share = _ComputeShare(cfg, clients)
+        events.put(json.dumps({"event": "ready"}))
+        start.wait(timeout=600)
+        share.run()
+        events.put(json.dumps({"event": "done", "end": time.time()}))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        events.put(json.dumps({"event": "error", "error": repr(exc)}))
 
-    p, q = cfg.head_layers[0], cfg.tail_layers[0]
-    lora = LoraSettings(rank=cfg.rank, alpha=cfg.alpha)
-    tokenizer = load_tokenizer(cfg.model)
-    task = load_task(cfg.task, max_examples=cfg.max_examples, seed=cfg.seed)
-    parts = partition(task.train, cfg.clients, cfg.partition, seed=cfg.seed)
-    span = body_span(num_layers(load_config(cfg.model)), p, q)
-    head, tail = load_part(cfg.model, "head", p, q), load_part(cfg.model, "tail", p, q)
-    add_lora(head, lora, seed=cfg.seed)
-    add_lora(tail, lora, seed=cfg.seed)
-    client = SplitClient(head, tail, LocalTransport(load_part(cfg.model, "body", span=span)), span)
-    client.start_training(SessionConfig(span=span, mode="train", max_length=cfg.max_length,
-                                        max_batch=cfg.batch_size, lora=lora, lr=cfg.lr, seed=cfg.seed), lr=cfg.lr)
-    batches = []
-    for i, part in enumerate(parts):  # the same batches the client processes train on
-        stream = iterate_batches(part, tokenizer, cfg.batch_size, seed=cfg.seed + 1009 * (i + 1),
-                                 max_length=cfg.max_length)
-        batches.append([next(stream) for _ in range(cfg.steps)])
-    client.train_step(batches[0][0])  # warm-up, not timed
-    torch.manual_seed(cfg.seed)
-    started = time.perf_counter()
-    for step in range(cfg.steps):
-        for i in range(cfg.clients):
-            client.train_step(batches[i][step])
-    return time.perf_counter() - started
+
+def measure_compute(cfg: SimulateConfig, processes: int | None = None) -> dict:
+    """The pure compute time of the runs' client steps on this machine.
+
+    Measured twice — in one process with torch's default threads, and split over one
+    single-threaded process per core running at once — and the faster one counts: no
+    mode can do the same work faster than that.
+    """
+    import json
+    import multiprocessing as mp
+    import os
+
+    single = _ComputeShare(cfg, list(range(cfg.clients))).run()
+    k = max(1, min(processes or os.cpu_count() or 1, cfg.clients))
+    ctx = mp.get_context("spawn")
+    events, start = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_compute_worker, daemon=True,
+                         args=(json.dumps(asdict(cfg)), list(range(j, cfg.clients, k)), events, start))
+             for j in range(k)]
+    for proc in procs:
+        proc.start()
+    try:
+        messages = [json.loads(events.get(timeout=900)) for _ in procs]
+        if any(m["event"] != "ready" for m in messages):
+            raise RuntimeError(f"compute measurement failed: {messages}")
+        started = time.time()
+        start.set()
+        messages = [json.loads(events.get(timeout=3600)) for _ in procs]
+        if any(m["event"] != "done" for m in messages):
+            raise RuntimeError(f"compute measurement failed: {messages}")
+        parallel = max(m["end"] for m in messages) - started
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+    return {"one_process_s": single, f"{k}_processes_s": parallel, "compute_s": min(single, parallel)}
 
 
 def summarise(runs: list[dict], compute_seconds: float) -> list[dict]:
@@ -100,9 +159,10 @@ def run_train_modes(sim: SimulateConfig, cfg: TrainModesConfig, progress: bool =
     for mode in MODES:
         replace(sim, mode=mode).check()
     started = time.perf_counter()
-    log.info("measuring the pure compute of %d x %d client steps in one process", sim.clients, sim.steps)
-    compute = measure_compute(sim)
-    log.info("pure compute: %.1fs", compute)
+    log.info("measuring the pure compute of %d x %d client steps", sim.clients, sim.steps)
+    measured = measure_compute(sim)
+    compute = measured["compute_s"]
+    log.info("pure compute: %s", measured)
     runs: list[dict] = []
     with ClientPool(sim.specs()) as pool:
         for rtt in cfg.rtt_ms:
@@ -125,7 +185,7 @@ def run_train_modes(sim: SimulateConfig, cfg: TrainModesConfig, progress: bool =
     table = summarise(runs, compute)
     figures = {
         "model": sim.model, "clients": sim.clients, "steps_per_client": sim.steps, "batch_size": sim.batch_size,
-        "examples_per_mode": sim.clients * sim.steps * sim.batch_size, "compute_s": compute,
+        "examples_per_mode": sim.clients * sim.steps * sim.batch_size, **measured,
         "rows": table, "eval": accuracy, "total_seconds": time.perf_counter() - started,
     }
     report = {"config": {"simulate": asdict(sim), "bench": asdict(cfg)}, "runs": runs, "figures": figures}

@@ -180,6 +180,14 @@ class Tail(Segment):
         pad_lengths: torch.Tensor | None = None,
         cache: KVCache | None = None,
         offset: int | None = None,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden = self.run_layers(hidden, pad_lengths, cache, offset)
-        return self.lm_head(self.norm(hidden))
+        """Logits [B, T, V]; with a boolean ``select`` [B, T], only those positions' logits [n, V].
+
+        The LM head is the largest matrix of a small model; training needs logits only where
+        there is a label, so ``select`` skips the rest.
+        """
+        hidden = self.norm(self.run_layers(hidden, pad_lengths, cache, offset))
+        if select is not None:
+            hidden = hidden[select]
+        return self.lm_head(hidden)

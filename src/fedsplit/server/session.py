@@ -109,8 +109,6 @@ class BodySession:
         cache_offset, offset = offset, offset or 0
         if pad_lengths.shape != (batch,):
             raise SessionError("INVALID_ARGUMENT", f"pad_lengths has {pad_lengths.numel()} rows, hidden has {batch}")
-        if offset and (cache_offset is None or self.cache is None):  # positions past a cache that is not there
-            raise SessionError("INVALID_ARGUMENT", f"position offset {offset} without a KV cache; it must be 0")
         if cache_offset is None:
             return  # stateless: holds nothing after the call; the message size bounds it
         if batch > self.config.max_batch:
@@ -138,6 +136,8 @@ class BodySession:
         """
         self.last_used = time.monotonic()
         stateful = keep_graph if self.config.mode == "train" else use_cache
+        if offset and not (stateful and self.cache is not None):  # positions past a cache that is not there
+            raise SessionError("INVALID_ARGUMENT", f"position offset {offset} without a KV cache; it must be 0")
         self._check(hidden, pad_lengths, offset if stateful else None)
         self.pool.activate(self.adapter)
         if not stateful:
@@ -190,6 +190,9 @@ class BodySession:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
+        # A forward still waiting for its backward was computed with the weights just changed in
+        # place; autograd could not run it any more. Drop it (its backward gets NOT_FOUND).
+        self.graphs.clear()
 
     def adapter_state(self) -> tuple[LoraSettings, dict[str, torch.Tensor]]:
         if self.adapter is None:
