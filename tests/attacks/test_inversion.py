@@ -42,8 +42,8 @@ def test_nearest_recovers_every_token_at_p0(head_of, victims):
 def test_strong_gaussian_noise_lowers_nearest_f1(head_of, victims):
     tokenizer, ids, pad, score = victims
     head = head_of(0)
-    noisy = observed(head, ids, pad, "gaussian:3.0:relative")
-    assert f1_of(invert_nearest(head, noisy, pad, vocab_size=len(tokenizer)), ids, score) < 0.5
+    noisy = observed(head, ids, pad, "gaussian:5.0:relative")
+    assert f1_of(invert_nearest(head, noisy, pad, vocab_size=len(tokenizer)), ids, score) < 0.3
 
 
 def test_vmi_recovers_most_tokens_at_p1(head_of, victims):

@@ -181,3 +181,15 @@ def test_unreachable_server_gives_clear_error(fingerprint):
     transport = RemoteTransport("127.0.0.1:1", fingerprint=fingerprint, retries=1, backoff=0.01)
     with pytest.raises(ServerUnreachable, match="fedsplit serve"):
         transport.open(SessionConfig(span=(1, 3), mode="generate", max_length=8))
+
+
+def test_body_adapter_of_a_session_covers_only_its_span(server, fingerprint):
+    transport = RemoteTransport(server.address, wire_dtype="fp32", fingerprint=fingerprint, retries=0)
+    session = transport.open(SessionConfig(span=(1, 3), mode="train", lora=LORA, max_length=16))
+    settings, state = session.adapter_state()
+    layers = {int(k.split(".")[1]) for k in state}
+    assert layers == {1, 2}  # the server holds 0..3, the session trains 1..2
+    other = transport.open(SessionConfig(span=(2, 4), mode="generate", max_length=16))
+    with pytest.raises(RemoteError) as exc:
+        other.put_adapter(settings, state)  # layer 1 is outside [2, 4)
+    assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT

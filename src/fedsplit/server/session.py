@@ -194,13 +194,23 @@ class BodySession:
         # place; autograd could not run it any more. Drop it (its backward gets NOT_FOUND).
         self.graphs.clear()
 
+    def _in_span(self, key: str) -> bool:
+        parts = key.split(".")
+        return len(parts) > 1 and parts[0] == "layers" and self.config.span[0] <= int(parts[1]) < self.config.span[1]
+
     def adapter_state(self) -> tuple[LoraSettings, dict[str, torch.Tensor]]:
+        """The body LoRA of this session's span only (the server may hold more layers)."""
         if self.adapter is None:
             raise SessionError("FAILED_PRECONDITION", "this session has no body adapter")
-        return self.pool.settings[self.adapter], self.pool.state_dict(self.adapter)
+        state = {k: v for k, v in self.pool.state_dict(self.adapter).items() if self._in_span(k)}
+        return self.pool.settings[self.adapter], state
 
     def put_adapter(self, settings: LoraSettings, state: dict[str, torch.Tensor]) -> None:
         """Load body LoRA weights into this session's adapter (creating a private one if needed)."""
+        outside = [k for k in state if not self._in_span(k)]
+        if outside:
+            raise SessionError("INVALID_ARGUMENT", f"adapter weight {outside[0]} is outside the session's body span "
+                                                   f"{list(self.config.span)}")
         if self.adapter is None:
             self.adapter = f"session_{self.id}"
             self.pool.create(self.adapter, settings)
