@@ -38,7 +38,7 @@ def test_train_export_eval_generate_round_trip(tmp_path):
         got = split.client.logits(ids, torch.zeros(1, dtype=torch.long))[:, -1]
     assert (expected - got).abs().max() <= 1e-4  # the exported adapter is the split model, body included
 
-    out = invoke("eval", "--model", "tiny-llama", "--adapters", str(run), "--head-layers", "1",
+    invoke("eval", "--model", "tiny-llama", "--adapters", str(run), "--head-layers", "1",
                  "--tail-layers", "1", "--max-examples", "4", "--json", str(tmp_path / "m.json"))
     assert "accuracy" in json.loads((tmp_path / "m.json").read_text())
     invoke("generate", "--local", "--model", "tiny-llama", "--prompt", "hi", "--max-new-tokens", "3",

@@ -92,9 +92,10 @@ def test_sigkill_during_training_resumes_to_the_adapters_of_an_uninterrupted_run
         ref.run(STEPS)
         assert identical(interrupted, adapters(ref))
 
-    # and a run that never saw a failure at all
-    with start_background(build_servicer(ServerConfig(model=SPEC, port=0))) as srv:
-        fresh = trainer(srv.address, tmp_path / "fresh")
+    # and a run that never saw a failure at all (a server process of its own: an in-process server
+    # would draw from this process's RNG when it creates the adapter, shifting the client's noise)
+    with server_process(SPEC) as (address, _):
+        fresh = trainer(address, tmp_path / "fresh")
         fresh.start()
         fresh.run(STEPS)
         assert identical(interrupted, adapters(fresh))

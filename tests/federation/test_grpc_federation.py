@@ -61,7 +61,10 @@ def union_of(batches):
 
 def frozen_client(transport):
     """Head and tail without LoRA: every client sends what the union client sends, step after step."""
-    return SplitClient(load_part(SPEC, "head", 1, 1), load_part(SPEC, "tail", 1, 1), transport, SPAN)
+    head, tail = load_part(SPEC, "head", 1, 1), load_part(SPEC, "tail", 1, 1)
+    for p in [*head.parameters(), *tail.parameters()]:
+        p.requires_grad_(False)
+    return SplitClient(head, tail, transport, SPAN)
 
 
 def in_threads(fns, timeout=120):

@@ -9,8 +9,8 @@ import torch
 
 from fedsplit.client.core import LocalTransport, SplitClient
 from fedsplit.client.remote import RemoteError, RemoteTransport
-from fedsplit.model.lora import LoraSettings, add_lora, lora_state_dict
-from fedsplit.model.split import load_part, split
+from fedsplit.model.lora import LoraSettings, add_lora
+from fedsplit.model.split import load_part
 from fedsplit.server.session import SessionConfig
 
 SPEC = "tiny-llama"

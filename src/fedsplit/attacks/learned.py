@@ -28,7 +28,7 @@ from .inversion import embedding_matrix, frozen, invert_relaxation, invert_vmi, 
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INVERTER_STEPS = 400
+DEFAULT_INVERTER_STEPS = 200
 MAX_POSITIONS = 1024
 
 
@@ -38,7 +38,7 @@ class Inverter(nn.Module):
     Args:
         hidden_size: ``H`` of the model whose head output is inverted.
         vocab_ids: the model token id of each output class, ``LongTensor[K]``.
-        width: the inverter's model width (default ``min(H, 384)``).
+        width: the inverter's model width (default ``min(H, 256)``).
         layers: transformer layers (bidirectional, pre-norm).
         heads: attention heads per layer.
         embedding: optional public embedding table ``[V, H]``; when ``width == H`` the output
@@ -56,7 +56,7 @@ class Inverter(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        width = width or min(hidden_size, 384)
+        width = width or min(hidden_size, 256)
         if width % heads:
             raise ValueError(f"width {width} must be divisible by heads {heads}")
         self.register_buffer("vocab_ids", vocab_ids.to(torch.long).clone())
@@ -138,7 +138,7 @@ def train_inverter(
             spec); applied anew at every step, so the inverter sees fresh noise draws.
         steps: optimiser steps (one auxiliary batch each, cycling).
         layers: transformer layers of the inverter (0 gives a per-token MLP-free linear probe).
-        width: inverter width (default ``min(H, 384)``).
+        width: inverter width (default ``min(H, 256)``).
         lr: AdamW learning rate (linear warm-up, cosine decay).
         seed: seeds the inverter's initialisation and the batch order.
         ignore_ids: token ids left out of the loss (pad, special tokens).

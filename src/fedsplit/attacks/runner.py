@@ -37,7 +37,7 @@ INVERSION_ATTACKS = ("vmi", "relaxation", "learned", "nearest", "bisr")
 
 DEFAULT_MAX_TOKENS = 32
 DEFAULT_AUX_EXAMPLES = 1024
-QUICK = {"n": 32, "vmi": 40, "relaxation": 40, "learned": 150, "bisr": 20, "aux": 256}
+QUICK = {"n": 32, "vmi": 40, "relaxation": 40, "learned": 100, "bisr": 20, "aux": 256}
 
 
 @dataclass

@@ -28,7 +28,7 @@ def run_demo(model: str, steps: int, batch_size: int, noise: float, eval_example
         console.print(f"server: `fedsplit serve --model {model}` on {address} (holds the body; never sees text)")
         cfg = TrainConfig(
             model=model, server=address, head_layers=2, tail_layers=2, task="sentiment", steps=steps,
-            batch_size=batch_size, lr=1e-3, max_length=96, noise=noise, noise_relative=True,
+            batch_size=batch_size, lr=3e-4, max_length=96, noise=noise, noise_relative=True,
             eval_examples=eval_examples, out=str(out),
         )
         client = build_client(cfg)

@@ -16,7 +16,7 @@ DEFAULT_NOISE = 0.02  # relative to each token's RMS (the demo's and the paper's
 
 
 def run(model: str = "smollm2-135m", task: str = "sentiment", steps: int = 100, batch_size: int = 8,
-        lr: float = 5e-4, eval_examples: int = 300, seed: int = 0, noise: float = DEFAULT_NOISE,
+        lr: float = 3e-4, eval_examples: int = 300, seed: int = 0, noise: float = DEFAULT_NOISE,
         max_length: int = 96, out: Path | None = None, wire_dtype: str = "fp16") -> dict:
     from ..tasks import load_task
 

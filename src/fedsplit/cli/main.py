@@ -259,7 +259,7 @@ def bench_quality(
     task: str = typer.Option("sentiment", help="task to fine-tune and score"),
     steps: int = typer.Option(100, help="training steps per run"),
     batch_size: int = typer.Option(8, help="examples per step"),
-    lr: float = typer.Option(5e-4, help="learning rate"),
+    lr: float = typer.Option(3e-4, help="learning rate"),
     eval_examples: int = typer.Option(300, help="test examples scored per run"),
     max_length: int = typer.Option(96, help="token limit per example"),
     noise: float = typer.Option(0.02, help="the 'default noise' run: Gaussian std relative to token RMS"),

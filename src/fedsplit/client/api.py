@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..model.lora import LoraSettings, add_lora, load_lora_state_dict, read_adapter
 from ..model.loading import DEFAULT_MODEL, load_config, load_tokenizer, model_fingerprint
+from ..model.lora import LoraSettings, add_lora, load_lora_state_dict, read_adapter
 from ..model.segments import KVCache
 from ..model.split import body_span, load_client_parts, load_part, num_layers
 from ..server.session import SessionConfig
@@ -55,7 +55,7 @@ class SplitModelForCausalLM:
         adapters: str | Path | None = None,
         lora: LoraSettings | None = None,
         reconnect: bool = True,
-    ) -> "SplitModelForCausalLM":
+    ) -> SplitModelForCausalLM:
         """Load head and tail of ``spec``; ``server=None`` loads the body here too.
 
         ``adapters`` is a directory with ``head/`` and ``tail/`` adapters (as ``fedsplit train`` writes).

@@ -101,7 +101,7 @@ class RemoteTransport:
     def info(self) -> pb.InfoReply:
         return self._retry(lambda: self.stub.Info(pb.InfoRequest(), metadata=self.metadata, timeout=30))
 
-    def open(self, config: SessionConfig, resume: str | None = None) -> "RemoteSession":
+    def open(self, config: SessionConfig, resume: str | None = None) -> RemoteSession:
         """Open a session (or re-attach to a parked one of ours with ``resume``)."""
         return self._retry(lambda: RemoteSession(self, config, resume))
 

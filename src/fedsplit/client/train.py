@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..model.lora import LoraSettings, add_lora, save_adapter
 from ..model.loading import load_config, load_tokenizer, model_fingerprint
+from ..model.lora import LoraSettings, add_lora, save_adapter
 from ..model.split import body_span, load_client_parts, load_part, num_layers
 from ..server.session import SessionConfig
 from .core import LocalTransport, SplitClient, lm_loss

@@ -10,8 +10,8 @@ from __future__ import annotations
 import threading
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from peft import inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..model.lora import LoraSettings, seed_lora

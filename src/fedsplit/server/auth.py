@@ -20,7 +20,7 @@ class TokenStore:
         self._by_hash = {h: client for client, h in entries.items()}
 
     @classmethod
-    def load(cls, path: str | Path) -> "TokenStore":
+    def load(cls, path: str | Path) -> TokenStore:
         entries = {}
         for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
             line = line.strip()

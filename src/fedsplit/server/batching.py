@@ -66,7 +66,7 @@ def run_batch(items) -> list[torch.Tensor | Exception]:
         cached = bool(session.cache.layers) or session.config.span[0] == session.config.span[1]
         key = (session.config.span, session.adapter) if cached else ("solo", index)
         groups[key].append(index)
-    for key, indices in groups.items():
+    for indices in groups.values():
         try:
             if len(indices) == 1:
                 session, hidden, pad, offset = items[indices[0]]
@@ -85,9 +85,8 @@ def run_batch(items) -> list[torch.Tensor | Exception]:
 class DecodeBatcher:
     """Collects decode steps while the worker is busy; runs them as one batch when it frees up."""
 
-    def __init__(self, executor, window: float = 0.0) -> None:
+    def __init__(self, executor) -> None:
         self.executor = executor
-        self.window = window
         self.pending: list = []
         self._runner: asyncio.Task | None = None
         self.batches = 0

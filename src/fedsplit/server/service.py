@@ -46,7 +46,6 @@ class ServerConfig:
     graph_ttl: float = field(default=300.0, metadata={"help": "seconds a forward waits for its backward"})
     max_graphs: int = field(default=16, metadata={"help": "pending training forwards per session"})
     max_message_bytes: int = field(default=codec.DEFAULT_MAX_MESSAGE_BYTES, metadata={"help": "largest message"})
-    batch_window_ms: float = field(default=2.0, metadata={"help": "wait for other sessions' decode steps"})
     checkpoint_dir: str | None = field(default=None, metadata={"help": "where training runs (OpenSession.run_id) "
                                                                         "are checkpointed; None = nowhere"})
     checkpoint_every: int = field(default=100, metadata={"help": "checkpoint each run every K optimiser steps"})
@@ -81,7 +80,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         self.pool = AdapterPool(body)
         self.sessions: dict[str, BodySession] = {}
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="body")
-        self.batcher = DecodeBatcher(self.executor, window=config.batch_window_ms / 1000)
+        self.batcher = DecodeBatcher(self.executor)
         self.stats = {"forward": 0, "backward": 0, "errors": 0, "batched_rows": 0}
         self._reserved: dict[str, int] = {}
         self.runs = RunCheckpoints(config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep, fingerprint)
