@@ -104,10 +104,11 @@ def federation_server(cfg: SimulateConfig, log_path: Path):
 
 
 def run_job(pool: ClientPool, cfg: SimulateConfig, out: Path, name: str, progress: bool = True,
-            save_dir: Path | None = None) -> dict:
+            save_dir: Path | None = None, address: str | None = None) -> dict:
     """One training run of every client of ``pool`` under ``cfg``; returns the run's figures.
 
-    Client 0 saves the global adapters to ``save_dir`` (default ``out/global``).
+    Starts a server for ``cfg`` unless ``address`` names one already running. Client 0
+    saves the global adapters to ``save_dir`` (default ``out/global``).
     """
     from tqdm import tqdm
 
@@ -120,10 +121,13 @@ def run_job(pool: ClientPool, cfg: SimulateConfig, out: Path, name: str, progres
         bar.update(1)
         bar.set_postfix(loss=f"{event['loss']:.3f}")
 
+    job = Job(address=address or "", steps=cfg.steps, name=name, save_dir=str(save_dir or out / "global"))
     try:
-        with federation_server(cfg, out / f"server-{name}.log") as address:
-            started, results = pool.run(Job(address=address, steps=cfg.steps, name=name,
-                                            save_dir=str(save_dir or out / "global")), on_step)
+        if address:
+            started, results = pool.run(job, on_step)
+        else:
+            with federation_server(cfg, out / f"server-{name}.log") as job.address:
+                started, results = pool.run(job, on_step)
     finally:
         bar.close()
     wall = max(r["end"] for r in results) - started
@@ -222,9 +226,11 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with ClientPool(cfg.specs()) as pool:
-        log.info("%d client processes loaded in %.0fs", cfg.clients, time.perf_counter() - t0)
-        run = run_job(pool, cfg, out, cfg.mode, progress)
+    with ClientPool(cfg.specs(), wait=False) as pool:
+        with federation_server(cfg, out / f"server-{cfg.mode}.log") as address:  # starts while clients load
+            pool.wait_loaded()
+            log.info("%d client processes loaded in %.0fs", cfg.clients, time.perf_counter() - t0)
+            run = run_job(pool, cfg, out, cfg.mode, progress, address=address)
     if cfg.eval_examples > 0:
         from ..tasks import load_task
 

@@ -163,7 +163,7 @@ class WorkerError(RuntimeError):
 class ClientPool:
     """N client processes (spawned), reused across jobs; ``run(job)`` trains all of them once."""
 
-    def __init__(self, specs: list[ClientSpec], load_timeout: float = 900.0) -> None:
+    def __init__(self, specs: list[ClientSpec], load_timeout: float = 900.0, wait: bool = True) -> None:
         ctx = mp.get_context("spawn")
         self.specs = specs
         self.events = ctx.Queue()
@@ -183,7 +183,14 @@ class ClientPool:
             else:
                 os.environ["OMP_NUM_THREADS"] = env_threads
         self.summaries: dict[int, dict] = {}
-        self._collect("loaded", load_timeout, lambda e: self.summaries.__setitem__(e["client"], e))
+        self.load_timeout = load_timeout
+        if wait:
+            self.wait_loaded()
+
+    def wait_loaded(self) -> None:
+        """Block until every client process has loaded its model parts and data (start a server meanwhile)."""
+        if len(self.summaries) < len(self.specs):
+            self._collect("loaded", self.load_timeout, lambda e: self.summaries.__setitem__(e["client"], e))
 
     def _next_event(self, deadline: float) -> dict:
         while True:
