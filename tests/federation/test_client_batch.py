@@ -4,10 +4,9 @@ import asyncio
 
 import torch
 import torch.nn.functional as F
+from federation_helpers import open_train, ragged, run
 
 from fedsplit.federation.modes import SHARED_ADAPTER
-
-from federation_helpers import open_train, ragged, run
 
 CLIENTS = [ragged(2, 5, 1), ragged(3, 9, 2), ragged(1, 7, 3)]  # ragged lengths: 5, 9 and 7 tokens
 WEIGHTS = [4.0, 11.0, 2.0]  # target tokens per client
@@ -21,8 +20,11 @@ def grads_for(seed=9):
 def adapter_grads(servicer, adapter):
     """Gradients of an adapter's weights by layer-global name (layers outside the span have none)."""
     suffix = f".{adapter}.weight"
-    return {name.removesuffix(suffix): p.grad.clone() for name, p in servicer.body.named_parameters()
-            if name.endswith(suffix) and p.grad is not None}
+    return {
+        name.removesuffix(suffix): p.grad.clone()
+        for name, p in servicer.body.named_parameters()
+        if name.endswith(suffix) and p.grad is not None
+    }
 
 
 def union_batch(grads):
@@ -93,8 +95,9 @@ def test_ragged_clients_get_what_they_would_get_alone(make_servicer):
     sessions = [open_train(servicer, owner=f"c{i}") for i in range(3)]
 
     async def forwards():
-        return await asyncio.gather(*(servicer.coordinator.forward(s, 1, h, p, 0)
-                                      for s, (h, p) in zip(sessions, CLIENTS)))
+        return await asyncio.gather(
+            *(servicer.coordinator.forward(s, 1, h, p, 0) for s, (h, p) in zip(sessions, CLIENTS))
+        )
 
     outs = run(forwards())
     alone = open_train(make_servicer("independent"))

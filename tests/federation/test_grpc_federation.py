@@ -4,6 +4,7 @@ import threading
 
 import pytest
 import torch
+from federation_helpers import LORA
 
 from fedsplit.client.core import LocalTransport, SplitClient
 from fedsplit.federation.client import FederatedTransport, target_tokens
@@ -13,8 +14,6 @@ from fedsplit.server.runner import build_servicer, start_background
 from fedsplit.server.service import ServerConfig
 from fedsplit.server.session import SessionConfig
 from fedsplit.wire import fedsplit_pb2 as pb
-
-from federation_helpers import LORA
 
 SPEC, SPAN = "tiny-llama", (1, 3)
 FINGERPRINT = model_fingerprint(SPEC)
@@ -54,9 +53,11 @@ def union_of(batches):
     def left(t, fill):
         return torch.nn.functional.pad(t, (longest - t.shape[1], 0), value=fill)
 
-    return {"input_ids": torch.cat([left(b["input_ids"], 0) for b in batches]),
-            "labels": torch.cat([left(b["labels"], -100) for b in batches]),
-            "pad_lengths": torch.cat([b["pad_lengths"] + longest - b["input_ids"].shape[1] for b in batches])}
+    return {
+        "input_ids": torch.cat([left(b["input_ids"], 0) for b in batches]),
+        "labels": torch.cat([left(b["labels"], -100) for b in batches]),
+        "pad_lengths": torch.cat([b["pad_lengths"] + longest - b["input_ids"].shape[1] for b in batches]),
+    }
 
 
 def frozen_client(transport):
@@ -70,11 +71,13 @@ def frozen_client(transport):
 def in_threads(fns, timeout=120):
     errors, threads = [], []
     for fn in fns:
+
         def wrapped(fn=fn):
             try:
                 fn()
             except Exception as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
+
         threads.append(threading.Thread(target=wrapped))
         threads[-1].start()
     for thread in threads:
@@ -85,7 +88,9 @@ def in_threads(fns, timeout=120):
 
 def test_client_batch_over_grpc_trains_the_body_like_one_client_with_the_union(serve):
     srv = serve("client-batch", round_timeout=20)
-    transports = [FederatedTransport(srv.address, wire_dtype="fp32", fingerprint=FINGERPRINT) for _ in range(3)]
+    transports = [
+        FederatedTransport(srv.address, wire_dtype="fp32", fingerprint=FINGERPRINT) for _ in range(3)
+    ]
     clients = [frozen_client(t) for t in transports]
     for c in clients:
         c.start_training(train_config())
@@ -139,8 +144,10 @@ def test_head_tail_fedavg_round_is_weighted_by_examples(serve):
     sessions = [t.open(train_config()) for t in transports]  # two training clients: a round waits for both
     info = transports[0].info()
     assert info.federation_mode == pb.SEQUENTIAL and info.fedavg_every == 5
-    uploads = [({"layers.0.q.lora_A.weight": torch.full((2, 3), 1.0), "only.a": torch.ones(1)}, 1),
-               ({"layers.0.q.lora_A.weight": torch.full((2, 3), 5.0)}, 3)]
+    uploads = [
+        ({"layers.0.q.lora_A.weight": torch.full((2, 3), 1.0), "only.a": torch.ones(1)}, 1),
+        ({"layers.0.q.lora_A.weight": torch.full((2, 3), 5.0)}, 3),
+    ]
     replies = [None, None]
 
     def upload(i):

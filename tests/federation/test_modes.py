@@ -3,7 +3,6 @@
 import asyncio
 
 import torch
-
 from federation_helpers import open_train, ragged, run
 
 

@@ -7,9 +7,21 @@ from fedsplit.federation.simulate import SimulateConfig, run_simulation
 
 def test_simulate_trains_clients_with_different_partitions_and_writes_a_report(tmp_path):
     cfg = SimulateConfig(
-        model="tiny-llama", clients=2, mode="server-hierarchical", partition="dirichlet:0.5", steps=4,
-        batch_size=2, max_length=48, max_examples=200, head_layers=(1, 2), tail_layers=(1,), sync_every=2,
-        rtt_ms=10, round_timeout=30, eval_examples=16, out=str(tmp_path),
+        model="tiny-llama",
+        clients=2,
+        mode="server-hierarchical",
+        partition="dirichlet:0.5",
+        steps=4,
+        batch_size=2,
+        max_length=48,
+        max_examples=200,
+        head_layers=(1, 2),
+        tail_layers=(1,),
+        sync_every=2,
+        rtt_ms=10,
+        round_timeout=30,
+        eval_examples=16,
+        out=str(tmp_path),
     )
     report = run_simulation(cfg, progress=False)
     run = report["runs"][0]

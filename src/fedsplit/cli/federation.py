@@ -43,7 +43,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @app.command()
     def simulate(
         clients: int = typer.Option(8, help="client processes"),
-        mode: str = typer.Option("server-hierarchical", help="sequential | client-batch | server-hierarchical"),
+        mode: str = typer.Option(
+            "server-hierarchical", help="sequential | client-batch | server-hierarchical"
+        ),
         model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
         task: str = typer.Option("sentiment", help="task (fedsplit.tasks)"),
         partition: str = typer.Option("iid", help="iid or dirichlet:ALPHA (label skew)"),
@@ -52,10 +54,15 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         lr: float = typer.Option(2e-4, help="AdamW learning rate"),
         max_length: int = typer.Option(128, help="token limit per example"),
         max_examples: Optional[int] = typer.Option(None, help="cap on the task's training examples"),
-        head_layers: str = typer.Option("2", help="p; a comma list cycles over the clients (server-hierarchical "
-                                        "allows different p per client)"),
+        head_layers: str = typer.Option(
+            "2",
+            help="p; a comma list cycles over the clients (server-hierarchical "
+            "allows different p per client)",
+        ),
         tail_layers: str = typer.Option("2", help="q; a comma list cycles over the clients"),
-        sync_every: int = typer.Option(10, help="server-hierarchical: FedAvg of the body replicas every R steps"),
+        sync_every: int = typer.Option(
+            10, help="server-hierarchical: FedAvg of the body replicas every R steps"
+        ),
         fedavg_every: int = typer.Option(10, help="FedAvg of head/tail adapters every R steps (0 = off)"),
         round_timeout: float = typer.Option(60.0, help="seconds a round waits for missing clients"),
         rtt_ms: float = typer.Option(0.0, help="round-trip time added by a shaping proxy on loopback"),
@@ -63,18 +70,35 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         wire_dtype: str = typer.Option("fp16", help="fp32 | fp16 | bf16 | int8"),
         seed: int = typer.Option(0, help="seed for partition, data order and LoRA init"),
         eval_examples: int = typer.Option(200, help="test examples for the global model (0 = skip)"),
-        out: Path = typer.Option(Path("runs/simulate"), help="report folder (report.json/.md, loss.png, global/)"),
+        out: Path = typer.Option(
+            Path("runs/simulate"), help="report folder (report.json/.md, loss.png, global/)"
+        ),
     ) -> None:
         """One server and N client processes on loopback: train, evaluate the global model, write a report."""
         from ..federation.simulate import SimulateConfig, run_simulation
         from ..model.loading import ModelSpecError, UnsupportedModelError
 
         cfg = SimulateConfig(
-            model=model, clients=clients, mode=mode, task=task, partition=partition, steps=steps,
-            batch_size=batch_size, lr=lr, max_length=max_length, max_examples=max_examples,
-            head_layers=_ints(head_layers, "--head-layers"), tail_layers=_ints(tail_layers, "--tail-layers"),
-            sync_every=sync_every, fedavg_every=fedavg_every, round_timeout=round_timeout, rtt_ms=rtt_ms,
-            bandwidth_mbps=bandwidth_mbps, wire_dtype=wire_dtype, seed=seed, eval_examples=eval_examples,
+            model=model,
+            clients=clients,
+            mode=mode,
+            task=task,
+            partition=partition,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            max_length=max_length,
+            max_examples=max_examples,
+            head_layers=_ints(head_layers, "--head-layers"),
+            tail_layers=_ints(tail_layers, "--tail-layers"),
+            sync_every=sync_every,
+            fedavg_every=fedavg_every,
+            round_timeout=round_timeout,
+            rtt_ms=rtt_ms,
+            bandwidth_mbps=bandwidth_mbps,
+            wire_dtype=wire_dtype,
+            seed=seed,
+            eval_examples=eval_examples,
             out=str(out),
         )
         try:
@@ -82,18 +106,28 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         except (ValueError, ModelSpecError, UnsupportedModelError, FileNotFoundError) as exc:
             _fail(str(exc))
         run = report["runs"][0]
-        print(f"{mode}: {run['wall_seconds']:.1f}s for {run['examples']} examples "
-              f"({run['examples_per_second']:.1f}/s); global model: {run.get('eval', '-')}; report in {out}")
+        print(
+            f"{mode}: {run['wall_seconds']:.1f}s for {run['examples']} examples "
+            f"({run['examples_per_second']:.1f}/s); global model: {run.get('eval', '-')}; report in {out}"
+        )
 
     @bench_app.command("train-modes")
     def train_modes(
         clients: int = typer.Option(8, help="client processes"),
         rtt_ms: str = typer.Option("0,20,50", help="round-trip times to measure, comma-separated"),
         model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
-        steps: Optional[int] = typer.Option(None, help="steps per client (default: 40 on tiny-llama, else 4)"),
-        batch_size: Optional[int] = typer.Option(None, help="examples per step (default: 8 on tiny-llama, else 2)"),
-        max_length: Optional[int] = typer.Option(None, help="token limit (default: 128 on tiny-llama, else 64)"),
-        sync_every: Optional[int] = typer.Option(None, help="body/head/tail FedAvg period in steps, all modes"),
+        steps: Optional[int] = typer.Option(
+            None, help="steps per client (default: 40 on tiny-llama, else 4)"
+        ),
+        batch_size: Optional[int] = typer.Option(
+            None, help="examples per step (default: 8 on tiny-llama, else 2)"
+        ),
+        max_length: Optional[int] = typer.Option(
+            None, help="token limit (default: 128 on tiny-llama, else 64)"
+        ),
+        sync_every: Optional[int] = typer.Option(
+            None, help="body/head/tail FedAvg period in steps, all modes"
+        ),
         partition: str = typer.Option("iid", help="iid or dirichlet:ALPHA"),
         bandwidth_mbps: float = typer.Option(0.0, help="per-client bandwidth cap at RTT > 0 (0 = none)"),
         lr: float = typer.Option(2e-4, help="AdamW learning rate"),
@@ -111,29 +145,58 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         d = BENCH_DEFAULTS.get(model, BENCH_DEFAULTS["default"])
         every = sync_every or d["sync_every"]
         sim = SimulateConfig(
-            model=model, clients=clients, partition=partition, steps=steps or d["steps"],
-            batch_size=batch_size or d["batch_size"], max_length=max_length or d["max_length"], lr=lr,
-            sync_every=every, fedavg_every=every, bandwidth_mbps=bandwidth_mbps, eval_examples=0,
+            model=model,
+            clients=clients,
+            partition=partition,
+            steps=steps or d["steps"],
+            batch_size=batch_size or d["batch_size"],
+            max_length=max_length or d["max_length"],
+            lr=lr,
+            sync_every=every,
+            fedavg_every=every,
+            bandwidth_mbps=bandwidth_mbps,
+            eval_examples=0,
         )
         cfg = TrainModesConfig(rtt_ms=_floats(rtt_ms, "--rtt-ms"), eval_examples=eval_examples, out=str(out))
         try:
             figures = run_train_modes(sim, cfg)
         except ValueError as exc:
             _fail(str(exc))
-        table = Table(title=f"fedsplit bench train-modes: {model}, {clients} clients, "
-                            f"{figures['examples_per_mode']} examples per mode; pure compute "
-                            f"{figures['compute_s']:.1f}s")
-        for column in ("RTT ms", "seq s", "client-batch s", "server-hier. s", "seq/cb", "seq/sh", "bound",
-                       "cb % of bound", "sh % of bound"):
+        table = Table(
+            title=f"fedsplit bench train-modes: {model}, {clients} clients, "
+            f"{figures['examples_per_mode']} examples per mode; pure compute "
+            f"{figures['compute_s']:.1f}s"
+        )
+        for column in (
+            "RTT ms",
+            "seq s",
+            "client-batch s",
+            "server-hier. s",
+            "seq/cb",
+            "seq/sh",
+            "bound",
+            "cb % of bound",
+            "sh % of bound",
+        ):
             table.add_column(column, justify="right")
         for row in figures["rows"]:
-            table.add_row(f"{row['rtt_ms']:g}", f"{row['seq_s']:.1f}", f"{row['cb_s']:.1f}", f"{row['sh_s']:.1f}",
-                          f"{row['speedup_cb']:.2f}x", f"{row['speedup_sh']:.2f}x", f"{row['bound']:.2f}x",
-                          f"{100 * row['cb_of_bound']:.0f}%", f"{100 * row['sh_of_bound']:.0f}%")
+            table.add_row(
+                f"{row['rtt_ms']:g}",
+                f"{row['seq_s']:.1f}",
+                f"{row['cb_s']:.1f}",
+                f"{row['sh_s']:.1f}",
+                f"{row['speedup_cb']:.2f}x",
+                f"{row['speedup_sh']:.2f}x",
+                f"{row['bound']:.2f}x",
+                f"{100 * row['cb_of_bound']:.0f}%",
+                f"{100 * row['sh_of_bound']:.0f}%",
+            )
         console = Console()
         console.print(table)
         if figures["eval"]:
-            console.print("global model, first RTT: " + "; ".join(f"{m}: {v}" for m, v in figures["eval"].items()))
+            console.print(
+                "global model, first RTT: " + "; ".join(f"{m}: {v}" for m, v in figures["eval"].items())
+            )
         console.print(f"report in {out}")
         if json_out:
             json_out.parent.mkdir(parents=True, exist_ok=True)

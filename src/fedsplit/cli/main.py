@@ -240,6 +240,29 @@ def bench_generate(
             "fedsplit bench generate")
 
 
+@bench_app.command("load")
+def bench_load(
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    gen_clients: int = typer.Option(32, help="concurrent generation clients (one session each at a time)"),
+    train_clients: int = typer.Option(8, help="concurrent training clients"),
+    seconds: float = typer.Option(120.0, help="how long the clients keep going"),
+    head_layers: int = typer.Option(2, help="p"),
+    tail_layers: int = typer.Option(2, help="q"),
+    wire_dtype: str = typer.Option("fp16", help="fp32 | fp16 | bf16 | int8"),
+    prompt_tokens: int = typer.Option(32, help="prompt length of each generation"),
+    new_tokens: int = typer.Option(32, help="tokens per generation"),
+    train_batch: int = typer.Option(2, help="examples per training step"),
+    train_length: int = typer.Option(64, help="tokens per training example"),
+    memory_budget: str = typer.Option("4GiB", help="the server's --memory-budget"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures to this JSON file"),
+) -> None:
+    """Many generation and training clients against one server: latency, throughput, errors, server RSS."""
+    from ..bench.load import run
+
+    _report(run(model, gen_clients, train_clients, seconds, head_layers, tail_layers, wire_dtype, prompt_tokens,
+                new_tokens, train_batch, train_length, memory_budget), json_out, "fedsplit bench load")
+
+
 @bench_app.command("memory")
 def bench_memory(
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),

@@ -107,7 +107,9 @@ class ClientCheckpointer:
         if state.get("body") and hasattr(body, "pool"):
             adapter = {k[len("body."):]: v for k, v in tensors.items() if k.startswith("body.")}
             body.pool.load_state_dict(body.adapter, adapter)
-            load_optimizer_state(body.optimizer, list(adapter), tensors, state["body"], prefix="body_optim.")
+            names = list(body.pool.state_dict(body.adapter))  # the optimizer's order, not the file's
+            load_optimizer_state(body.optimizer, names, tensors, state["body"], prefix="body_optim.")
+        if hasattr(body, "pool"):
             body.steps = step
         prune(self.directory, self.keep, above=step)
         return state.get("meta", {})

@@ -146,7 +146,7 @@ class SplitClient:
             grads.append(torch.ones_like(extra))
         if roots:
             torch.autograd.backward(roots, grads)
-        tokens = int((labels[:, 1:] != -100).sum())
+        tokens = int(ids.shape[0] * ids.shape[1] - pad.sum())  # real tokens processed (not padding)
         return loss.detach(), tokens
 
     def optimizer_step(self, clip_norm: float = 0.0, checkpoint: bool = False) -> None:

@@ -155,25 +155,29 @@ def run_training(cfg: TrainConfig, client: SplitClient | None = None, progress: 
         client.start_training(session_config, lr=cfg.lr)
     traffic = getattr(client.transport, "traffic", None)
     batches = iterate_batches(task.train, tokenizer, cfg.batch_size, seed=cfg.seed, max_length=cfg.max_length)
-    start, tokens_seen = time.perf_counter(), 0
+    start, tokens_seen, sent, received = time.perf_counter(), 0, 0, 0
     bar = tqdm(range(first, cfg.steps + 1), desc="train", disable=not progress, dynamic_ncols=True)
     for step in bar:
+        before = (traffic.sent, traffic.received) if traffic is not None else (0, 0)
         result = trainer.train_step() if trainer else client.train_step(next(batches), cfg.clip_norm)
         tokens_seen += result.tokens
         elapsed = time.perf_counter() - start
         record = {"step": step, "loss": result.loss, "seconds": elapsed}
         postfix = {"loss": f"{result.loss:.3f}", "tok/s": f"{tokens_seen / elapsed:.0f}"}
-        if traffic is not None:
-            postfix.update(sent=_mib(traffic.sent), recv=_mib(traffic.received))
+        if traffic is not None:  # training steps only; evaluation traffic is not counted
+            sent += traffic.sent - before[0]
+            received += traffic.received - before[1]
+            postfix.update(sent=_mib(sent), recv=_mib(received))
         bar.set_postfix(postfix)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             record["eval"] = evaluate_client(client, task, tokenizer, split="val", max_examples=cfg.eval_examples)
             log.info("step %d: %s", step, record["eval"])
         summary["history"].append(record)
     summary["train_seconds"] = time.perf_counter() - start
+    summary["tokens_per_second"] = tokens_seen / summary["train_seconds"]
     if traffic is not None:
-        summary["bytes_sent"], summary["bytes_received"] = traffic.sent, traffic.received
-        summary["bytes_per_step"] = (traffic.sent + traffic.received) / max(cfg.steps, 1)
+        summary["bytes_sent"], summary["bytes_received"] = sent, received
+        summary["bytes_per_step"] = (sent + received) / max(len(summary["history"]), 1)
     summary["after"] = evaluate_client(client, task, tokenizer, max_examples=cfg.eval_examples)
     if cfg.out:
         save_run(client, cfg, summary)

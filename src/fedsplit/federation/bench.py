@@ -30,9 +30,13 @@ SHORT = {"sequential": "seq", "client-batch": "cb", "server-hierarchical": "sh"}
 class TrainModesConfig:
     """`fedsplit bench train-modes` options; the rest of a run is a :class:`SimulateConfig`."""
 
-    rtt_ms: tuple[float, ...] = field(default=(0.0, 20.0, 50.0), metadata={"help": "round-trip times to measure"})
-    eval_examples: int = field(default=200, metadata={"help": "test examples per mode's global model, evaluated "
-                                                              "at the first RTT (0 = skip)"})
+    rtt_ms: tuple[float, ...] = field(
+        default=(0.0, 20.0, 50.0), metadata={"help": "round-trip times to measure"}
+    )
+    eval_examples: int = field(
+        default=200,
+        metadata={"help": "test examples per mode's global model, evaluated at the first RTT (0 = skip)"},
+    )
     out: str = field(default="results/train-modes", metadata={"help": "report folder"})
 
 
@@ -57,13 +61,23 @@ class _ComputeShare:
         add_lora(head, lora, seed=cfg.seed)
         add_lora(tail, lora, seed=cfg.seed)
         self.client = SplitClient(head, tail, LocalTransport(load_part(cfg.model, "body", span=span)), span)
-        self.client.start_training(SessionConfig(span=span, mode="train", max_length=cfg.max_length,
-                                                 max_batch=cfg.batch_size, lora=lora, lr=cfg.lr, seed=cfg.seed),
-                                   lr=cfg.lr)
+        self.client.start_training(
+            SessionConfig(
+                span=span,
+                mode="train",
+                max_length=cfg.max_length,
+                max_batch=cfg.batch_size,
+                lora=lora,
+                lr=cfg.lr,
+                seed=cfg.seed,
+            ),
+            lr=cfg.lr,
+        )
         self.batches = []
         for i in clients:  # the same batches the client processes train on
-            stream = iterate_batches(parts[i], tokenizer, cfg.batch_size, seed=cfg.seed + 1009 * (i + 1),
-                                     max_length=cfg.max_length)
+            stream = iterate_batches(
+                parts[i], tokenizer, cfg.batch_size, seed=cfg.seed + 1009 * (i + 1), max_length=cfg.max_length
+            )
             self.batches.append([next(stream) for _ in range(cfg.steps)])
         self.steps = cfg.steps
         self.client.train_step(self.batches[0][0])  # warm-up, not timed
@@ -83,7 +97,9 @@ def _compute_worker(cfg_json: str, clients: list[int], events, start) -> None:
 
     torch.set_num_threads(1)
     raw = json.loads(cfg_json)
-    cfg = SimulateConfig(**{**raw, "head_layers": tuple(raw["head_layers"]), "tail_layers": tuple(raw["tail_layers"])})
+    cfg = SimulateConfig(
+        **{**raw, "head_layers": tuple(raw["head_layers"]), "tail_layers": tuple(raw["tail_layers"])}
+    )
     try:
         share = _ComputeShare(cfg, clients)
         events.put(json.dumps({"event": "ready"}))
@@ -109,9 +125,14 @@ def measure_compute(cfg: SimulateConfig, processes: int | None = None) -> dict:
     k = max(1, min(processes or os.cpu_count() or 1, cfg.clients))
     ctx = mp.get_context("spawn")
     events, start = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_compute_worker, daemon=True,
-                         args=(json.dumps(asdict(cfg)), list(range(j, cfg.clients, k)), events, start))
-             for j in range(k)]
+    procs = [
+        ctx.Process(
+            target=_compute_worker,
+            daemon=True,
+            args=(json.dumps(asdict(cfg)), list(range(j, cfg.clients, k)), events, start),
+        )
+        for j in range(k)
+    ]
     for proc in procs:
         proc.start()
     try:
@@ -168,8 +189,14 @@ def run_train_modes(sim: SimulateConfig, cfg: TrainModesConfig, progress: bool =
         for rtt in cfg.rtt_ms:
             for mode in MODES:
                 name = f"{mode}@{rtt:g}ms"
-                run = run_job(pool, replace(sim, mode=mode, rtt_ms=rtt), out, name, progress,
-                              save_dir=out / "adapters" / name)
+                run = run_job(
+                    pool,
+                    replace(sim, mode=mode, rtt_ms=rtt),
+                    out,
+                    name,
+                    progress,
+                    save_dir=out / "adapters" / name,
+                )
                 log.info("%s: %.1fs", name, run["wall_seconds"])
                 runs.append(run)
     accuracy = {}
@@ -184,9 +211,15 @@ def run_train_modes(sim: SimulateConfig, cfg: TrainModesConfig, progress: bool =
                 accuracy[run["mode"]] = run["eval"]
     table = summarise(runs, compute)
     figures = {
-        "model": sim.model, "clients": sim.clients, "steps_per_client": sim.steps, "batch_size": sim.batch_size,
-        "examples_per_mode": sim.clients * sim.steps * sim.batch_size, **measured,
-        "rows": table, "eval": accuracy, "total_seconds": time.perf_counter() - started,
+        "model": sim.model,
+        "clients": sim.clients,
+        "steps_per_client": sim.steps,
+        "batch_size": sim.batch_size,
+        "examples_per_mode": sim.clients * sim.steps * sim.batch_size,
+        **measured,
+        "rows": table,
+        "eval": accuracy,
+        "total_seconds": time.perf_counter() - started,
     }
     report = {"config": {"simulate": asdict(sim), "bench": asdict(cfg)}, "runs": runs, "figures": figures}
     write_report(report, out, f"fedsplit bench train-modes: {sim.model}, {sim.clients} clients")

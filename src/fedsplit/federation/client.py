@@ -50,11 +50,18 @@ class FederatedTransport(RemoteTransport):
     def open(self, config, resume: str | None = None) -> FederatedSession:
         return self._retry(lambda: FederatedSession(self, config, resume))
 
-    def fedavg(self, round_no: int, state: dict[str, torch.Tensor], num_examples: int,
-               client_id: str | None = None, timeout: float = 600.0) -> tuple[dict[str, torch.Tensor], int]:
+    def fedavg(
+        self,
+        round_no: int,
+        state: dict[str, torch.Tensor],
+        num_examples: int,
+        client_id: str | None = None,
+        timeout: float = 600.0,
+    ) -> tuple[dict[str, torch.Tensor], int]:
         """Upload ``state`` for ``round_no``; returns (the round's weighted average of our keys, clients in it)."""
-        request = pb.AdapterUpload(round=round_no, num_examples=num_examples,
-                                   tensors=codec.named_tensors(state, "fp32"))
+        request = pb.AdapterUpload(
+            round=round_no, num_examples=num_examples, tensors=codec.named_tensors(state, "fp32")
+        )
         if client_id:
             request.client_id = client_id
         self.traffic.sent += request.ByteSize()

@@ -62,7 +62,9 @@ class ClientBatch(SharedAdapter):
 
     def __init__(self, servicer) -> None:
         super().__init__(servicer)
-        self.forwards = Gather("client-batch forward", self.timeout, self.waiting_for_forward, self._forward_round)
+        self.forwards = Gather(
+            "client-batch forward", self.timeout, self.waiting_for_forward, self._forward_round
+        )
         self.rounds = 0
         self.by_session: dict[str, Round] = {}  # awaiting backward or step
         self.live: set[int] = set()
@@ -84,8 +86,11 @@ class ClientBatch(SharedAdapter):
     def detach(self, session: BodySession) -> None:
         rnd = self.by_session.pop(session.id, None)
         if rnd is not None:
-            log.warning("client-batch round %d: %s left mid-round; the round goes on without it",
-                        rnd.number, session.id)
+            log.warning(
+                "client-batch round %d: %s left mid-round; the round goes on without it",
+                rnd.number,
+                session.id,
+            )
         super().detach(session)
 
     # ------------------------------------------------------------------ forward
@@ -95,10 +100,14 @@ class ClientBatch(SharedAdapter):
             return await super().forward(session, step_id, hidden, pad, offset)
         session._check(hidden, pad, offset)
         if offset != 0:
-            raise SessionError("INVALID_ARGUMENT", "client-batch training runs whole sequences: position_offset must be 0")
+            raise SessionError(
+                "INVALID_ARGUMENT", "client-batch training runs whole sequences: position_offset must be 0"
+            )
         if session.id in self.by_session:
-            raise SessionError("FAILED_PRECONDITION",
-                               "client-batch: finish the pending step (backward, then optimizer step) first")
+            raise SessionError(
+                "FAILED_PRECONDITION",
+                "client-batch: finish the pending step (backward, then optimizer step) first",
+            )
         return await self.forwards.submit(session.id, (session, step_id, hidden, pad))
 
     async def _forward_round(self, items: dict) -> dict:
@@ -110,8 +119,12 @@ class ClientBatch(SharedAdapter):
             self.rounds += 1
             rnd, outs = await self.servicer._run(self._joint_forward, self.rounds, span, members)
             self._open[rnd.number] = rnd
-            rnd.backwards = Gather(f"client-batch backward {rnd.number}", self.timeout,
-                                   lambda r=rnd: self._members(r, r.slots), lambda it, r=rnd: self._backward_round(r, it))
+            rnd.backwards = Gather(
+                f"client-batch backward {rnd.number}",
+                self.timeout,
+                lambda r=rnd: self._members(r, r.slots),
+                lambda it, r=rnd: self._backward_round(r, it),
+            )
             for sid in members:
                 self.by_session[sid] = rnd
             results.update(outs)
@@ -131,7 +144,7 @@ class ClientBatch(SharedAdapter):
         outputs = self.servicer.body(inputs, torch.cat(pad), None, 0, span=span)
         self.rows += row
         out = outputs.detach()
-        results = {sid: out[s.rows, longest - s.length:] for sid, s in slots.items()}
+        results = {sid: out[s.rows, longest - s.length :] for sid, s in slots.items()}
         log.debug("client-batch round %d: %d client(s), %d rows, %d tokens", number, len(slots), row, longest)
         return Round(number, span, inputs, outputs, slots), results
 
@@ -145,12 +158,17 @@ class ClientBatch(SharedAdapter):
         if not self.shared(session):
             return await super().backward(session, step_id, grad, weight)
         if rnd is None or rnd.backwards is None or rnd.slots[session.id].step_id != step_id:
-            raise SessionError("NOT_FOUND", f"no pending forward for step {step_id} (never sent, already used, or "
-                                            "its client-batch round closed without this client)")
+            raise SessionError(
+                "NOT_FOUND",
+                f"no pending forward for step {step_id} (never sent, already used, or "
+                "its client-batch round closed without this client)",
+            )
         slot = rnd.slots[session.id]
         expected = (slot.rows.stop - slot.rows.start, slot.length, session.hidden_size)
         if tuple(grad.shape) != expected:
-            raise SessionError("INVALID_ARGUMENT", f"grad has shape {list(grad.shape)}, expected {list(expected)}")
+            raise SessionError(
+                "INVALID_ARGUMENT", f"grad has shape {list(grad.shape)}, expected {list(expected)}"
+            )
         weight = 1.0 if weight is None else float(weight)
         if not weight >= 0:
             raise SessionError("INVALID_ARGUMENT", f"loss_weight must be >= 0, got {weight}")
@@ -161,8 +179,12 @@ class ClientBatch(SharedAdapter):
             if self.by_session.get(sid) is rnd:
                 del self.by_session[sid]  # its gradient is lost; its next forward joins a new round
         rnd.contributed = set(items)
-        rnd.steps = Gather(f"client-batch step {rnd.number}", self.timeout,
-                           lambda r=rnd: self._members(r, r.contributed), lambda it, r=rnd: self._step_round(r, it))
+        rnd.steps = Gather(
+            f"client-batch step {rnd.number}",
+            self.timeout,
+            lambda r=rnd: self._members(r, r.contributed),
+            lambda it, r=rnd: self._step_round(r, it),
+        )
         try:
             return await self.servicer._run(self._joint_backward, rnd, items)
         except Exception:
@@ -179,14 +201,14 @@ class ClientBatch(SharedAdapter):
             slot = rnd.slots[sid]
             share = weight / total if total > 0 else 1.0 / len(items)
             shares[sid] = share
-            full[slot.rows, full.shape[1] - slot.length:] = grad.to(full.dtype) * share
+            full[slot.rows, full.shape[1] - slot.length :] = grad.to(full.dtype) * share
         rnd.outputs.backward(full)
         grad_in = rnd.inputs.grad
         rnd.inputs = rnd.outputs = None  # free the graph
         results = {}
         for sid, share in shares.items():
             slot = rnd.slots[sid]
-            part = grad_in[slot.rows, grad_in.shape[1] - slot.length:]
+            part = grad_in[slot.rows, grad_in.shape[1] - slot.length :]
             results[sid] = part / share if share > 0 else torch.zeros_like(part)
         return results
 

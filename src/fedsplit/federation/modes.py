@@ -31,7 +31,7 @@ from collections import deque
 
 import torch
 
-from ..server.session import BodySession, SessionConfig, SessionError
+from ..server.session import BodySession, SessionConfig
 from ..wire import fedsplit_pb2 as pb
 from .fedavg import restrict, weighted_average
 from .rounds import Gather, HeadTailRounds
@@ -96,12 +96,14 @@ class Coordinator:
 
     # ------------------------------------------------------------------ training calls
 
-    async def forward(self, session: BodySession, step_id: int, hidden: torch.Tensor, pad: torch.Tensor,
-                      offset: int) -> torch.Tensor:
+    async def forward(
+        self, session: BodySession, step_id: int, hidden: torch.Tensor, pad: torch.Tensor, offset: int
+    ) -> torch.Tensor:
         return await self.servicer._run(session.forward, step_id, hidden, pad, offset)
 
-    async def backward(self, session: BodySession, step_id: int, grad: torch.Tensor,
-                       weight: float | None = None) -> torch.Tensor:
+    async def backward(
+        self, session: BodySession, step_id: int, grad: torch.Tensor, weight: float | None = None
+    ) -> torch.Tensor:
         return await self.servicer._run(session.backward, step_id, grad)
 
     async def step(self, session: BodySession, clip: float) -> None:
@@ -129,8 +131,11 @@ class SharedAdapter(Coordinator):
             return
         if self.optimizer is None:
             params = self.servicer.pool.parameters(SHARED_ADAPTER)
-            self.optimizer = torch.optim.AdamW(params, lr=session.config.lr,
-                                               weight_decay=session.config.weight_decay) if params else None
+            self.optimizer = (
+                torch.optim.AdamW(params, lr=session.config.lr, weight_decay=session.config.weight_decay)
+                if params
+                else None
+            )
         session.optimizer = self.optimizer
 
     def shared_ids(self) -> set[str]:
@@ -175,8 +180,11 @@ class Turn:
                 except TimeoutError:
                     idle = time.monotonic() - self.since
                     if self.holder is not None and idle >= self.timeout:
-                        log.warning("sequential: %s kept the turn %.1fs without finishing its step; "
-                                    "passing it on", self.holder, idle)
+                        log.warning(
+                            "sequential: %s kept the turn %.1fs without finishing its step; passing it on",
+                            self.holder,
+                            idle,
+                        )
                         stuck = self.holder
                         self.on_revoke(stuck)
                         self.release(stuck)
@@ -278,12 +286,16 @@ class ServerHierarchical(Coordinator):
 
     async def _sync(self, session: BodySession, rnd: int) -> None:
         if rnd <= self.last_round:
-            log.warning("body sync round %d already closed; %s continues with its own replica", rnd, session.id)
+            log.warning(
+                "body sync round %d already closed; %s continues with its own replica", rnd, session.id
+            )
             return
         gather = self.barriers.get(rnd)
         if gather is None:
             gather = self.barriers[rnd] = Gather(
-                f"body sync round {rnd}", self.timeout, lambda: set(self.attached),
+                f"body sync round {rnd}",
+                self.timeout,
+                lambda: set(self.attached),
                 lambda items, r=rnd: self._average(r, items),
             )
         await gather.submit(session.id, session)
@@ -292,11 +304,18 @@ class ServerHierarchical(Coordinator):
         self.barriers.pop(rnd, None)
         self.last_round = max(self.last_round, rnd)
         weights = {sid: self.examples.get(sid, 0) for sid in members}
-        await self.servicer._run(average_replicas, self.servicer.pool, list(members.values()), list(weights.values()))
+        await self.servicer._run(
+            average_replicas, self.servicer.pool, list(members.values()), list(weights.values())
+        )
         for sid in members:
             self.examples[sid] = 0
         self.syncs += 1
-        log.info("body sync round %d: averaged %d replica(s), %d examples", rnd, len(members), sum(weights.values()))
+        log.info(
+            "body sync round %d: averaged %d replica(s), %d examples",
+            rnd,
+            len(members),
+            sum(weights.values()),
+        )
         return {sid: None for sid in members}
 
 

@@ -55,8 +55,14 @@ class TokenBucket:
 class ShapingProxy:
     """Forward ``127.0.0.1:<port>`` to ``target`` with a delay and a bandwidth cap; runs in a thread."""
 
-    def __init__(self, target: tuple[str, int], rtt_ms: float = 0.0, bandwidth_mbps: float = 0.0,
-                 port: int = 0, burst_bytes: int = 16 * 1024) -> None:
+    def __init__(
+        self,
+        target: tuple[str, int],
+        rtt_ms: float = 0.0,
+        bandwidth_mbps: float = 0.0,
+        port: int = 0,
+        burst_bytes: int = 16 * 1024,
+    ) -> None:
         if target[0] not in LOOPBACK:
             raise ValueError(f"the shaping proxy only forwards to loopback, not {target[0]!r}")
         if rtt_ms < 0 or bandwidth_mbps < 0:
@@ -77,7 +83,7 @@ class ShapingProxy:
 
     # ------------------------------------------------------------------ life cycle
 
-    def start(self) -> "ShapingProxy":
+    def start(self) -> ShapingProxy:
         ready = threading.Event()
         error: list[BaseException] = []
 
@@ -86,7 +92,8 @@ class ShapingProxy:
             self._loop = loop
             try:
                 self._server = loop.run_until_complete(
-                    asyncio.start_server(self._handle, "127.0.0.1", self.port, family=socket.AF_INET))
+                    asyncio.start_server(self._handle, "127.0.0.1", self.port, family=socket.AF_INET)
+                )
                 self.port = self._server.sockets[0].getsockname()[1]
             except BaseException as exc:  # noqa: BLE001 - reported to start()
                 error.append(exc)
@@ -104,8 +111,13 @@ class ShapingProxy:
         ready.wait(timeout=10)
         if error:
             raise error[0]
-        log.info("shaping proxy %s -> %s:%d (rtt %.0f ms, %s)", self.address, *self.target, self.delay * 2000,
-                 f"{self.rate * 8 / 1e6:g} Mbit/s" if self.rate else "no bandwidth cap")
+        log.info(
+            "shaping proxy %s -> %s:%d (rtt %.0f ms, %s)",
+            self.address,
+            *self.target,
+            self.delay * 2000,
+            f"{self.rate * 8 / 1e6:g} Mbit/s" if self.rate else "no bandwidth cap",
+        )
         return self
 
     def stop(self) -> None:
@@ -125,7 +137,7 @@ class ShapingProxy:
         self._thread.join(timeout=10)
         self._loop = None
 
-    def __enter__(self) -> "ShapingProxy":
+    def __enter__(self) -> ShapingProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -144,13 +156,16 @@ class ShapingProxy:
         up = TokenBucket(self.rate, self.burst)
         down = TokenBucket(self.rate, self.burst)
         try:
-            await asyncio.gather(self._pipe(client_r, server_w, up, "up"), self._pipe(server_r, client_w, down, "down"))
+            await asyncio.gather(
+                self._pipe(client_r, server_w, up, "up"), self._pipe(server_r, client_w, down, "down")
+            )
         finally:
             for writer in (client_w, server_w):
                 writer.close()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: TokenBucket,
-                    direction: str) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: TokenBucket, direction: str
+    ) -> None:
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 

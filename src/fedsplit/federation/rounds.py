@@ -38,7 +38,10 @@ class Gather:
     """
 
     def __init__(
-        self, name: str, timeout: float, expected: Expected,
+        self,
+        name: str,
+        timeout: float,
+        expected: Expected,
         run: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
     ) -> None:
         self.name, self.timeout, self.expected, self.run = name, timeout, expected, run
@@ -117,7 +120,11 @@ class Gather:
         self.timeouts += 1
         log.warning(
             "%s: round timeout after %.1fs — going ahead with %d of %d client(s); missing: %s",
-            self.name, self.timeout, len(self.pending), wanted, ", ".join(missing) or "unknown",
+            self.name,
+            self.timeout,
+            len(self.pending),
+            wanted,
+            ", ".join(missing) or "unknown",
         )
         self._timer = None
         self._fire()
@@ -152,12 +159,16 @@ class HeadTailRounds:
         rnd = int(request.round)
         if rnd in self.closed:
             mean, clients = self.closed[rnd]
-            log.warning("head/tail FedAvg round %d: late upload from %s gets the closed round's average", rnd, owner)
+            log.warning(
+                "head/tail FedAvg round %d: late upload from %s gets the closed round's average", rnd, owner
+            )
         else:
             gather = self.open.get(rnd)
             if gather is None:
                 gather = self.open[rnd] = Gather(
-                    f"head/tail FedAvg round {rnd}", self.timeout, lambda: max(1, self.expected()),
+                    f"head/tail FedAvg round {rnd}",
+                    self.timeout,
+                    lambda: max(1, self.expected()),
                     lambda items, r=rnd: self._average(r, items),
                 )
             member = f"{owner}:{request.client_id or 'client'}#{next(self._ids)}"
@@ -177,5 +188,10 @@ class HeadTailRounds:
         self.closed[rnd] = (mean, len(items))
         while len(self.closed) > self.KEEP:
             self.closed.popitem(last=False)
-        log.info("head/tail FedAvg round %d: averaged %d client(s), %d examples", rnd, len(items), int(sum(weights)))
+        log.info(
+            "head/tail FedAvg round %d: averaged %d client(s), %d examples",
+            rnd,
+            len(items),
+            int(sum(weights)),
+        )
         return {member: (mean, len(items)) for member in items}

@@ -30,8 +30,9 @@ class SimulateConfig:
 
     model: str = field(default="smollm2-135m", metadata={"help": "model spec"})
     clients: int = field(default=8, metadata={"help": "number of client processes"})
-    mode: str = field(default="server-hierarchical", metadata={"help": "sequential | client-batch | "
-                                                                      "server-hierarchical"})
+    mode: str = field(
+        default="server-hierarchical", metadata={"help": "sequential | client-batch | server-hierarchical"}
+    )
     task: str = field(default="sentiment", metadata={"help": "task name (fedsplit.tasks)"})
     partition: str = field(default="iid", metadata={"help": "iid | dirichlet:ALPHA"})
     steps: int = field(default=100, metadata={"help": "training steps per client"})
@@ -41,9 +42,12 @@ class SimulateConfig:
     max_examples: int | None = field(default=None, metadata={"help": "cap on the task's training examples"})
     head_layers: tuple[int, ...] = field(default=(2,), metadata={"help": "p; a list cycles over the clients"})
     tail_layers: tuple[int, ...] = field(default=(2,), metadata={"help": "q; a list cycles over the clients"})
-    sync_every: int = field(default=10, metadata={"help": "server-hierarchical: FedAvg of body replicas every R "
-                                                          "steps"})
-    fedavg_every: int = field(default=10, metadata={"help": "FedAvg of head/tail adapters every R steps (0 = off)"})
+    sync_every: int = field(
+        default=10, metadata={"help": "server-hierarchical: FedAvg of body replicas every R steps"}
+    )
+    fedavg_every: int = field(
+        default=10, metadata={"help": "FedAvg of head/tail adapters every R steps (0 = off)"}
+    )
     round_timeout: float = field(default=60.0, metadata={"help": "seconds a round waits for missing clients"})
     rtt_ms: float = field(default=0.0, metadata={"help": "round-trip time added by the shaping proxy"})
     bandwidth_mbps: float = field(default=0.0, metadata={"help": "per-client bandwidth cap (0 = none)"})
@@ -51,20 +55,26 @@ class SimulateConfig:
     rank: int = field(default=8, metadata={"help": "LoRA rank"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha"})
     seed: int = field(default=0, metadata={"help": "seed for partition, data order and LoRA init"})
-    eval_examples: int = field(default=200, metadata={"help": "test examples for the global model (0 = skip)"})
+    eval_examples: int = field(
+        default=200, metadata={"help": "test examples for the global model (0 = skip)"}
+    )
     out: str = field(default="runs/simulate", metadata={"help": "report folder"})
 
     def check(self) -> None:
         """Raise ValueError with what to change, for options that cannot work."""
         check_mode(self.mode)
         if self.mode == "independent":
-            raise ValueError("simulate needs a federated mode: sequential, client-batch or server-hierarchical")
+            raise ValueError(
+                "simulate needs a federated mode: sequential, client-batch or server-hierarchical"
+            )
         if self.clients < 1 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("--clients, --steps and --batch-size must be at least 1")
         if self.mode == "server-hierarchical" and self.sync_every and self.steps % self.sync_every:
-            raise ValueError(f"--steps {self.steps} is not a multiple of --sync-every {self.sync_every}: the last "
-                             f"body sync would not include the final steps; use e.g. --steps "
-                             f"{math.ceil(self.steps / self.sync_every) * self.sync_every}")
+            raise ValueError(
+                f"--steps {self.steps} is not a multiple of --sync-every {self.sync_every}: the last "
+                f"body sync would not include the final steps; use e.g. --steps "
+                f"{math.ceil(self.steps / self.sync_every) * self.sync_every}"
+            )
         from ..tasks.partition import parse_scheme
 
         parse_scheme(self.partition)
@@ -72,18 +82,42 @@ class SimulateConfig:
     def specs(self) -> list[ClientSpec]:
         heads, tails = list(self.head_layers) or [2], list(self.tail_layers) or [2]
         return [
-            ClientSpec(index=i, n_clients=self.clients, model=self.model, task=self.task, partition=self.partition,
-                       head_layers=heads[i % len(heads)], tail_layers=tails[i % len(tails)],
-                       batch_size=self.batch_size, max_length=self.max_length, max_examples=self.max_examples,
-                       lr=self.lr, rank=self.rank, alpha=self.alpha, seed=self.seed, wire_dtype=self.wire_dtype)
+            ClientSpec(
+                index=i,
+                n_clients=self.clients,
+                model=self.model,
+                task=self.task,
+                partition=self.partition,
+                head_layers=heads[i % len(heads)],
+                tail_layers=tails[i % len(tails)],
+                batch_size=self.batch_size,
+                max_length=self.max_length,
+                max_examples=self.max_examples,
+                lr=self.lr,
+                rank=self.rank,
+                alpha=self.alpha,
+                seed=self.seed,
+                wire_dtype=self.wire_dtype,
+            )
             for i in range(self.clients)
         ]
 
     def serve_args(self) -> list[str]:
-        fedavg = self.sync_every if self.mode == "server-hierarchical" and self.sync_every else self.fedavg_every
-        return ["--mode", self.mode, "--sync-every", str(self.sync_every if self.mode == "server-hierarchical" else 0),
-                "--fedavg-every", str(fedavg), "--round-timeout", str(self.round_timeout),
-                "--memory-budget", "1024GiB"]
+        fedavg = (
+            self.sync_every if self.mode == "server-hierarchical" and self.sync_every else self.fedavg_every
+        )
+        return [
+            "--mode",
+            self.mode,
+            "--sync-every",
+            str(self.sync_every if self.mode == "server-hierarchical" else 0),
+            "--fedavg-every",
+            str(fedavg),
+            "--round-timeout",
+            str(self.round_timeout),
+            "--memory-budget",
+            "1024GiB",
+        ]
 
 
 @contextlib.contextmanager
@@ -93,8 +127,10 @@ def federation_server(cfg: SimulateConfig, log_path: Path):
     from .proxy import ShapingProxy
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log_file, server_process(cfg.model, *cfg.serve_args(), log_file=log_file) as (
-            address, _):
+    with (
+        open(log_path, "ab") as log_file,
+        server_process(cfg.model, *cfg.serve_args(), log_file=log_file) as (address, _),
+    ):
         if cfg.rtt_ms > 0 or cfg.bandwidth_mbps > 0:
             host, port = address.rsplit(":", 1)
             with ShapingProxy((host, int(port)), cfg.rtt_ms, cfg.bandwidth_mbps) as proxy:
@@ -103,8 +139,15 @@ def federation_server(cfg: SimulateConfig, log_path: Path):
             yield address
 
 
-def run_job(pool: ClientPool, cfg: SimulateConfig, out: Path, name: str, progress: bool = True,
-            save_dir: Path | None = None, address: str | None = None) -> dict:
+def run_job(
+    pool: ClientPool,
+    cfg: SimulateConfig,
+    out: Path,
+    name: str,
+    progress: bool = True,
+    save_dir: Path | None = None,
+    address: str | None = None,
+) -> dict:
     """One training run of every client of ``pool`` under ``cfg``; returns the run's figures.
 
     Starts a server for ``cfg`` unless ``address`` names one already running. Client 0
@@ -133,12 +176,31 @@ def run_job(pool: ClientPool, cfg: SimulateConfig, out: Path, name: str, progres
     wall = max(r["end"] for r in results) - started
     examples = cfg.clients * cfg.steps * cfg.batch_size
     return {
-        "name": name, "mode": cfg.mode, "rtt_ms": cfg.rtt_ms, "bandwidth_mbps": cfg.bandwidth_mbps,
-        "wall_seconds": wall, "examples": examples, "examples_per_second": examples / wall,
+        "name": name,
+        "mode": cfg.mode,
+        "rtt_ms": cfg.rtt_ms,
+        "bandwidth_mbps": cfg.bandwidth_mbps,
+        "wall_seconds": wall,
+        "examples": examples,
+        "examples_per_second": examples / wall,
         "bytes": sum(r["bytes_sent"] + r["bytes_received"] for r in results),
-        "clients": [{k: r[k] for k in ("client", "examples", "labels", "span", "losses", "fedavg_rounds",
-                                       "bytes_sent", "bytes_received")} | {"seconds": r["end"] - r["start"]}
-                    for r in results],
+        "clients": [
+            {
+                k: r[k]
+                for k in (
+                    "client",
+                    "examples",
+                    "labels",
+                    "span",
+                    "losses",
+                    "fedavg_rounds",
+                    "bytes_sent",
+                    "bytes_received",
+                )
+            }
+            | {"seconds": r["end"] - r["start"]}
+            for r in results
+        ],
     }
 
 
@@ -146,8 +208,8 @@ class GlobalModel:
     """The split model in this process with the global adapters loaded: evaluates a run's result."""
 
     def __init__(self, model: str, head_layers: int, tail_layers: int, rank: int, alpha: float) -> None:
-        from ..model.lora import LoraSettings, add_lora
         from ..model.loading import load_tokenizer
+        from ..model.lora import LoraSettings, add_lora
         from ..model.split import load_split
 
         self.model = model
@@ -166,8 +228,10 @@ class GlobalModel:
             own = lora_state_dict(segment)
             missing = set(own) - set(state)
             if missing:
-                raise ValueError(f"{adapters / name} lacks {len(missing)} LoRA weights of the {name} "
-                                 f"(e.g. {sorted(missing)[0]}); was it trained with other partition points?")
+                raise ValueError(
+                    f"{adapters / name} lacks {len(missing)} LoRA weights of the {name} "
+                    f"(e.g. {sorted(missing)[0]}); was it trained with other partition points?"
+                )
             load_lora_state_dict(segment, {k: v for k, v in state.items() if k in own})
 
     def evaluate(self, task, max_examples: int) -> dict:
@@ -179,7 +243,9 @@ class GlobalModel:
             with torch.no_grad():
                 return self.split(ids, pad)
 
-        return evaluate(task, self.tokenizer, logits_fn, split="test", max_examples=max_examples, progress=False)
+        return evaluate(
+            task, self.tokenizer, logits_fn, split="test", max_examples=max_examples, progress=False
+        )
 
 
 def write_report(report: dict, out: Path, title: str) -> None:
@@ -187,13 +253,27 @@ def write_report(report: dict, out: Path, title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     runs = report["runs"]
-    lines = [f"# {title}", "", "| run | mode | rtt ms | wall s | examples/s | MiB on the wire | metric |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        f"# {title}",
+        "",
+        "| run | mode | rtt ms | wall s | examples/s | MiB on the wire | metric |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
     for run in runs:
         metric = ", ".join(f"{k} {v:.3f}" for k, v in (run.get("eval") or {}).items()) or "-"
-        lines.append(f"| {run['name']} | {run['mode']} | {run['rtt_ms']:g} | {run['wall_seconds']:.1f} | "
-                     f"{run['examples_per_second']:.1f} | {run['bytes'] / 2**20:.1f} | {metric} |")
-    lines += ["", "Configuration:", "", "```json", json.dumps(report["config"], indent=2, default=str), "```", ""]
+        lines.append(
+            f"| {run['name']} | {run['mode']} | {run['rtt_ms']:g} | {run['wall_seconds']:.1f} | "
+            f"{run['examples_per_second']:.1f} | {run['bytes'] / 2**20:.1f} | {metric} |"
+        )
+    lines += [
+        "",
+        "Configuration:",
+        "",
+        "```json",
+        json.dumps(report["config"], indent=2, default=str),
+        "```",
+        "",
+    ]
     (out / "report.md").write_text("\n".join(lines))
     plot_losses(runs, out / "loss.png")
 

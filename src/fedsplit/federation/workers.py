@@ -82,28 +82,48 @@ class _Client:
         self.initial = (lora_state_dict(head), lora_state_dict(tail))
         self.client = SplitClient(head, tail, None, self.span)
         self.fingerprint = model_fingerprint(spec.model)
-        labels = label_histogram([self.part], len(task.label_words or [])).tolist()[0] if task.label_words else []
+        labels = (
+            label_histogram([self.part], len(task.label_words or [])).tolist()[0] if task.label_words else []
+        )
         self.summary = {"examples": len(self.part), "labels": labels, "span": list(self.span)}
 
     def run(self, job: Job, events, start) -> dict:
         from ..model.lora import load_lora_state_dict
         from ..server.session import SessionConfig
         from ..tasks import iterate_batches
-        from .client import FederatedTransport, MODE_NAMES, train_federated
+        from .client import MODE_NAMES, FederatedTransport, train_federated
 
         spec, client = self.spec, self.client
         load_lora_state_dict(client.head, self.initial[0])
         load_lora_state_dict(client.tail, self.initial[1])
-        stream = iterate_batches(self.part, self.tokenizer, spec.batch_size, seed=spec.seed + 1009 * (spec.index + 1),
-                                 max_length=spec.max_length)
+        stream = iterate_batches(
+            self.part,
+            self.tokenizer,
+            spec.batch_size,
+            seed=spec.seed + 1009 * (spec.index + 1),
+            max_length=spec.max_length,
+        )
         batches = [next(stream) for _ in range(job.steps)]  # tokenised before the clock starts
-        transport = FederatedTransport(job.address, token=spec.token, wire_dtype=spec.wire_dtype,
-                                       fingerprint=self.fingerprint, retries=8, backoff=0.25)
+        transport = FederatedTransport(
+            job.address,
+            token=spec.token,
+            wire_dtype=spec.wire_dtype,
+            fingerprint=self.fingerprint,
+            retries=8,
+            backoff=0.25,
+        )
         info = transport.info()
         client.transport = transport
         client.start_training(
-            SessionConfig(span=self.span, mode="train", max_length=spec.max_length, max_batch=spec.batch_size,
-                          lora=self.lora, lr=spec.lr, seed=spec.seed),
+            SessionConfig(
+                span=self.span,
+                mode="train",
+                max_length=spec.max_length,
+                max_batch=spec.batch_size,
+                lora=self.lora,
+                lr=spec.lr,
+                seed=spec.seed,
+            ),
             lr=spec.lr,
         )
         events.put(json.dumps({"event": "ready", "client": spec.index}))
@@ -112,13 +132,22 @@ class _Client:
         transport.traffic.reset()
 
         def on_step(step: int, loss: float) -> None:
-            events.put(json.dumps({"event": "step", "client": spec.index, "step": step, "loss": loss,
-                                   "time": time.time()}))
+            events.put(
+                json.dumps(
+                    {"event": "step", "client": spec.index, "step": step, "loss": loss, "time": time.time()}
+                )
+            )
 
-        result = train_federated(client, transport, batches, job.steps, int(info.fedavg_every),
-                                 f"client{spec.index}", on_step)
-        result.update(client=spec.index, bytes_sent=transport.traffic.sent, bytes_received=transport.traffic.received,
-                      mode=MODE_NAMES.get(info.federation_mode, "?"), **self.summary)
+        result = train_federated(
+            client, transport, batches, job.steps, int(info.fedavg_every), f"client{spec.index}", on_step
+        )
+        result.update(
+            client=spec.index,
+            bytes_sent=transport.traffic.sent,
+            bytes_received=transport.traffic.received,
+            mode=MODE_NAMES.get(info.federation_mode, "?"),
+            **self.summary,
+        )
         if job.save_dir and spec.index == 0:
             self._save(Path(job.save_dir))
         client.train_session.close()
@@ -128,7 +157,11 @@ class _Client:
     def _save(self, out: Path) -> None:
         from ..model.lora import save_adapter
 
-        meta = {"model": self.spec.model, "head_layers": self.spec.head_layers, "tail_layers": self.spec.tail_layers}
+        meta = {
+            "model": self.spec.model,
+            "head_layers": self.spec.head_layers,
+            "tail_layers": self.spec.tail_layers,
+        }
         save_adapter(self.client.head, out / "head", self.lora, **meta)
         save_adapter(self.client.tail, out / "tail", self.lora, **meta)
         from .fedavg import restrict
@@ -139,8 +172,11 @@ class _Client:
 
 
 def _worker_main(spec_json: str, commands, events, start) -> None:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format=f"%(asctime)s client{json.loads(spec_json)['index']} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format=f"%(asctime)s client{json.loads(spec_json)['index']} %(levelname)s %(name)s: %(message)s",
+    )
     spec = ClientSpec(**json.loads(spec_json))
     try:
         worker = _Client(spec)
@@ -172,9 +208,15 @@ class ClientPool:
         env_threads = os.environ.get("OMP_NUM_THREADS")
         os.environ["OMP_NUM_THREADS"] = "1"  # children inherit it: no oversubscription of the cores
         try:
-            self.procs = [ctx.Process(target=_worker_main, args=(json.dumps(asdict(s)), q, self.events, self.start),
-                                      name=f"fedsplit-client{s.index}", daemon=True)
-                          for s, q in zip(specs, self.commands)]
+            self.procs = [
+                ctx.Process(
+                    target=_worker_main,
+                    args=(json.dumps(asdict(s)), q, self.events, self.start),
+                    name=f"fedsplit-client{s.index}",
+                    daemon=True,
+                )
+                for s, q in zip(specs, self.commands)
+            ]
             for proc in self.procs:
                 proc.start()
         finally:
@@ -225,8 +267,12 @@ class ClientPool:
         started = time.time()
         self.start.set()
         results: dict[int, dict] = {}
-        self._collect("done", timeout, lambda e: results.__setitem__(e["client"], e),
-                      on_other=lambda e: on_step(e) if on_step and e["event"] == "step" else None)
+        self._collect(
+            "done",
+            timeout,
+            lambda e: results.__setitem__(e["client"], e),
+            on_other=lambda e: on_step(e) if on_step and e["event"] == "step" else None,
+        )
         return started, [results[i] for i in sorted(results)]
 
     def close(self) -> None:
@@ -238,7 +284,7 @@ class ClientPool:
                 proc.terminate()
                 proc.join(timeout=5)
 
-    def __enter__(self) -> "ClientPool":
+    def __enter__(self) -> ClientPool:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -133,8 +133,9 @@ class RunCheckpoints:
         state = {k[len(ADAPTER_PREFIX):]: v for k, v in tensors.items() if k.startswith(ADAPTER_PREFIX)}
         try:
             session.pool.load_state_dict(session.adapter, state)
-            names = list(session.pool.state_dict(session.adapter))
-            load_optimizer_state(session.optimizer, names, tensors, meta["optimizer"])
+            if session.optimizer is not None and meta.get("optimizer"):
+                names = list(session.pool.state_dict(session.adapter))
+                load_optimizer_state(session.optimizer, names, tensors, meta["optimizer"])
         except (KeyError, CheckpointError, ValueError, RuntimeError) as exc:
             raise SessionError("FAILED_PRECONDITION", f"run {session.run_id!r}: cannot load checkpoint: {exc}") from None
 
@@ -142,12 +143,12 @@ class RunCheckpoints:
 
     def save(self, session: BodySession) -> bool:
         """Write the run's adapter + optimiser at its current step. Never raises: a failed save is logged."""
-        if not self.enabled or getattr(session, "run_id", None) is None or session.optimizer is None:
+        if not self.enabled or getattr(session, "run_id", None) is None:
             return False
         try:
             settings: LoraSettings = session.pool.settings[session.adapter]
             adapter = session.pool.state_dict(session.adapter)
-            opt_tensors, opt_meta = optimizer_state(session.optimizer, list(adapter))
+            opt_tensors, opt_meta = optimizer_state(session.optimizer, list(adapter)) if session.optimizer else ({}, None)
             tensors = {ADAPTER_PREFIX + k: v for k, v in adapter.items()} | opt_tensors
             meta = {
                 "kind": "fedsplit-body-run", "owner": session.owner, "run_id": session.run_id,

@@ -183,13 +183,12 @@ class BodySession:
         """
         if self.config.mode != "train":
             raise SessionError("FAILED_PRECONDITION", "optimizer step on a generate session")
-        if self.optimizer is None:
-            return
-        if clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.pool.parameters(self.adapter), clip_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
+        if self.optimizer is not None:  # None: an empty body span, nothing to train
+            if clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.pool.parameters(self.adapter), clip_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1  # counted even when empty, so client and server agree on step numbers
         # A forward still waiting for its backward was computed with the weights just changed in
         # place; autograd could not run it any more. Drop it (its backward gets NOT_FOUND).
         self.graphs.clear()
