@@ -25,8 +25,8 @@ import torch
 
 from ..client.core import SplitClient
 from ..client.remote import RemoteTransport
-from ..model.lora import LoraSettings, add_lora
 from ..model.loading import load_config, model_fingerprint
+from ..model.lora import LoraSettings, add_lora
 from ..model.split import body_span, load_client_parts, num_layers
 from ..server.session import SessionConfig
 from .procs import server_process

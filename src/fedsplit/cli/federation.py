@@ -12,8 +12,8 @@ MODEL_HELP = "preset (smollm2-135m, tiny-llama), Hugging Face id, local director
 
 # Work small enough for a 2-core machine: the default model's figures take minutes, not hours.
 BENCH_DEFAULTS = {
-    "tiny-llama": {"steps": 40, "batch_size": 8, "max_length": 128, "sync_every": 10},
-    "default": {"steps": 4, "batch_size": 2, "max_length": 64, "sync_every": 2},
+    "tiny-llama": {"steps": 40, "batch_size": 4, "max_length": 64, "sync_every": 10, "layers": 1},
+    "default": {"steps": 4, "batch_size": 2, "max_length": 64, "sync_every": 2, "layers": 2},
 }
 
 
@@ -120,14 +120,16 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             None, help="steps per client (default: 40 on tiny-llama, else 4)"
         ),
         batch_size: Optional[int] = typer.Option(
-            None, help="examples per step (default: 8 on tiny-llama, else 2)"
+            None, help="examples per step (default: 4 on tiny-llama, else 2)"
         ),
         max_length: Optional[int] = typer.Option(
-            None, help="token limit (default: 128 on tiny-llama, else 64)"
+            None, help="token limit (default: 64)"
         ),
         sync_every: Optional[int] = typer.Option(
             None, help="body/head/tail FedAvg period in steps, all modes"
         ),
+        head_layers: Optional[int] = typer.Option(None, help="p (default: 1 on tiny-llama, else 2)"),
+        tail_layers: Optional[int] = typer.Option(None, help="q (default: 1 on tiny-llama, else 2)"),
         partition: str = typer.Option("iid", help="iid or dirichlet:ALPHA"),
         bandwidth_mbps: float = typer.Option(0.0, help="per-client bandwidth cap at RTT > 0 (0 = none)"),
         lr: float = typer.Option(2e-4, help="AdamW learning rate"),
@@ -151,6 +153,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             steps=steps or d["steps"],
             batch_size=batch_size or d["batch_size"],
             max_length=max_length or d["max_length"],
+            head_layers=(head_layers if head_layers is not None else d["layers"],),
+            tail_layers=(tail_layers if tail_layers is not None else d["layers"],),
             lr=lr,
             sync_every=every,
             fedavg_every=every,

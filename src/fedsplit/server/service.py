@@ -220,8 +220,10 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         for name in ("learning_rate", "weight_decay"):
             value = getattr(req, name)
-            if req.HasField(name) and not (math.isfinite(value) and 0 <= value < 1e3 and (value or name != "learning_rate")):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} must be a finite number (learning_rate > 0, weight_decay >= 0)")
+            ok = math.isfinite(value) and 0 <= value < 1e3 and (value > 0 or name == "weight_decay")
+            if req.HasField(name) and not ok:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{name} must be finite, below 1000 (learning_rate > 0, weight_decay >= 0)")
         config = SessionConfig(
             span=span, mode=mode, max_length=req.max_length, max_batch=batch, lora=lora,
             lr=req.learning_rate if req.HasField("learning_rate") else 2e-4,
@@ -250,7 +252,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         session.wire_dtype = wire_dtype
         self.sessions[session.id] = session
         self._reserved[session.id] = need
-        if req.run_id:
+        if session.run_id:
             try:
                 await self._run(self.runs.restore, session, list(req.resume_steps))
             except SessionError as exc:
@@ -267,6 +269,10 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             await context.abort(_status(exc.code), exc.message)
         if config.mode != "train":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "run_id is for TRAIN sessions")
+        if config.adapter is not None:  # a federation mode trains a shared adapter: not one client's run
+            log.info("run %s of %s trains the %s adapter of the %s mode; not checkpointed as a run",
+                     req.run_id, owner, config.adapter, self.coordinator.mode)
+            return None
         config.run_id, config.adapter = req.run_id, run_adapter_name(owner, req.run_id)
         live = self.runs.find_live(self.sessions, owner, req.run_id)
         if live is None:
