@@ -92,3 +92,23 @@ def server():
     srv = start_background(build_servicer(ServerConfig(model="tiny-llama", port=0)))
     yield srv
     srv.stop()
+
+
+def test_train_options_on_the_command_line_win_over_the_config_file(tmp_path, monkeypatch):
+    import fedsplit.client.train as train_module
+
+    seen = {}
+
+    def fake_training(cfg):
+        seen["cfg"] = cfg
+        return {"after": {}, "train_seconds": 0.0}
+
+    monkeypatch.setattr(train_module, "run_training", fake_training)
+    path = tmp_path / "run.toml"
+    path.write_text('[train]\nsteps = 4\nlr = 1e-3\nmodel = "tiny-llama"\nclip_norm = 0.5\n')
+    with pytest.raises(SystemExit) as exc:
+        app(["train", "--local", "--config", str(path), "--steps", "6", "--out", str(tmp_path / "o")],
+            prog_name="fedsplit")
+    assert exc.value.code == 0
+    cfg = seen["cfg"]
+    assert (cfg.steps, cfg.lr, cfg.model, cfg.clip_norm, cfg.out) == (6, 1e-3, "tiny-llama", 0.5, str(tmp_path / "o"))

@@ -77,6 +77,7 @@ class Harness:
 def h(tmp_path_factory):
     harness = Harness(tmp_path_factory.mktemp("fuzz"))
     yield harness
+    harness.bob.close()
     harness.raw.close()
     harness.server.stop()
 
@@ -206,7 +207,7 @@ def test_random_sessions_get_clear_statuses(h, data):
     h.run("sessions", _serialize(msgs), h.tokens["alice"])
 
 
-@FUZZ
+@settings(FUZZ, max_examples=100)  # the slowest kind: up to 12 requests with real forward/backward each
 @given(ops=st.lists(st.one_of(st.tuples(st.just("forward"), step_ids), st.tuples(st.just("backward"), step_ids),
                               st.tuples(st.just("step"), step_ids)), min_size=1, max_size=12))
 def test_out_of_order_and_replayed_steps_follow_the_protocol(h, ops):

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 DEFAULT_VMI_STEPS = 100
-DEFAULT_RELAX_STEPS = 200
+DEFAULT_RELAX_STEPS = 100
 # Above this vocabulary size the relaxation searches a per-position candidate list, not the whole vocabulary.
 RELAX_FULL_VOCAB_MAX = 4096
 

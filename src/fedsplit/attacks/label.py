@@ -225,6 +225,7 @@ def evaluate_label_attack(
     seed: int,
     method: str = "auto",
     known_labels: int = 8,
+    binary: bool = False,
     batch_size: int = 8,
     max_length: int = 128,
     progress: bool = True,
@@ -234,8 +235,11 @@ def evaluate_label_attack(
     The attacker also knows the labels of ``known_labels`` examples per class (from the
     train split, never the attacked ones) — the few-known-labels setting of the label
     inference literature — and uses them to orient/threshold scores or name clusters.
+    With ``binary`` only the first and the last label are kept (negative vs positive for
+    ``sentiment``), so the binary ``norm`` attack applies.
     Returns an :class:`~fedsplit.attacks.runner.AttackResult` with ``label_accuracy`` and ``auc``.
     """
+    import dataclasses
     import time
 
     from ..model.loading import load_model
@@ -250,10 +254,18 @@ def evaluate_label_attack(
     if data.kind != "classification":
         raise ValueError(f"the label attack needs a classification task; {task!r} is {data.kind}")
     num_classes = len(data.label_words)
+    train, test = data.train, data.test
+    if binary:
+        last = num_classes - 1
+        keep = {0: 0, last: 1}
+        train, test = (
+            [dataclasses.replace(e, label=keep[e.label]) for e in split_ if e.label in keep] for split_ in (train, test)
+        )
+        num_classes = 2
     model, tokenizer = load_model(spec)
     parts = split(model, head_layers, tail_layers)
-    victims = data.test[:n]
-    known = [ex for c in range(num_classes) for ex in [e for e in data.train if e.label == c][:known_labels]]
+    victims = test[:n]
+    known = [ex for c in range(num_classes) for ex in [e for e in train if e.label == c][:known_labels]]
 
     torch.manual_seed(seed)
     defense = parse_defense(defense_spec, hidden_size=model.config.hidden_size)

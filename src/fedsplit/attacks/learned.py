@@ -17,6 +17,7 @@ of the white-box optimisation of :mod:`fedsplit.attacks.inversion`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 
 import torch
@@ -158,23 +159,30 @@ def train_inverter(
     lookup = torch.full((table.shape[0],), -100, dtype=torch.long)
     lookup[vocab_ids] = torch.arange(len(vocab_ids))
 
+    # Dropout and the defence's noise draw from the global generator: seed a forked one.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         inverter = Inverter(table.shape[1], vocab_ids, width=width, layers=layers, embedding=table)
+        log.info("training an inverter: %d aux batches, %d output tokens, %d steps", len(cached), len(vocab_ids), steps)
+        loss = _fit(inverter, cached, lookup, defense, steps=steps, lr=lr, progress=progress)
+    log.info("inverter trained: last batch loss %.3f", loss)
+    return inverter.eval()
+
+
+def _fit(inverter: Inverter, cached, lookup: torch.Tensor, defense, *, steps: int, lr: float, progress: bool) -> float:
+    """AdamW with linear warm-up and cosine decay; one cached batch per step, fresh defence draws."""
     optimizer = torch.optim.AdamW(inverter.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item()),
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
     )
-    generator = torch.Generator().manual_seed(seed)
-    log.info("training an inverter: %d aux batches, %d output tokens, %d steps", len(cached), len(vocab_ids), steps)
     inverter.train()
     order: list[int] = []
+    loss = torch.tensor(float("nan"))
     bar = tqdm(range(steps), desc="train inverter", disable=not progress, leave=False)
     for step in bar:
         if not order:
-            order = torch.randperm(len(cached), generator=generator).tolist()
+            order = torch.randperm(len(cached)).tolist()
         ids, pad, hidden = cached[order.pop()]
         if defense is not None:
             with torch.no_grad():
@@ -189,8 +197,7 @@ def train_inverter(
         schedule.step()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    log.info("inverter trained: last batch loss %.3f", loss.item())
-    return inverter.eval()
+    return loss.item()
 
 
 def refine(

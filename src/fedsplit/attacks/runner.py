@@ -190,6 +190,7 @@ def evaluate_attack(
     grad_defense_spec: str | None = None,
     label_method: str = "auto",
     known_labels: int = 8,
+    label_binary: bool = False,
     progress: bool = True,
 ) -> AttackResult:
     """Run one attack end to end against ``n`` victim examples and score it.
@@ -212,6 +213,7 @@ def evaluate_attack(
         grad_defense_spec: the client's defence on the gradient it sends (``label`` only).
         label_method: see :func:`~fedsplit.attacks.label.infer_labels`.
         known_labels: per class, examples with known labels the label attacker uses.
+        label_binary: keep only the first and last label (e.g. negative vs positive) for ``label``.
     """
     if attack not in ATTACKS + EXTRA_ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS + EXTRA_ATTACKS)}")
@@ -229,7 +231,7 @@ def evaluate_attack(
         return evaluate_label_attack(
             spec=spec, head_layers=head_layers, tail_layers=tail_layers, defense_spec=defense_spec,
             grad_defense_spec=grad_defense_spec, task=task, n=n, seed=seed, method=label_method,
-            known_labels=known_labels, progress=progress,
+            known_labels=known_labels, binary=label_binary, progress=progress,
         )
 
     tokenizer = load_tokenizer(spec)

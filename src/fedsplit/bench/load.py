@@ -54,9 +54,9 @@ class _TimedSession:
     def __init__(self, session, tally: Tally) -> None:
         self.session, self.tally = session, tally
 
-    def forward(self, step_id, hidden, pad_lengths, offset=0):
+    def forward(self, step_id, hidden, pad_lengths, offset=0, **kwargs):
         start = time.perf_counter()
-        out = self.session.forward(step_id, hidden, pad_lengths, offset)
+        out = self.session.forward(step_id, hidden, pad_lengths, offset, **kwargs)
         (self.tally.token_latency if hidden.shape[1] == 1 else self.tally.prefill_latency).append(
             time.perf_counter() - start)
         return out

@@ -12,7 +12,7 @@ MODEL_HELP = "preset (smollm2-135m, tiny-llama), Hugging Face id, local director
 
 # Work small enough for a 2-core machine: the default model's figures take minutes, not hours.
 BENCH_DEFAULTS = {
-    "tiny-llama": {"steps": 40, "batch_size": 4, "max_length": 64, "sync_every": 10, "layers": 1},
+    "tiny-llama": {"steps": 40, "batch_size": 2, "max_length": 48, "sync_every": 10, "layers": 1},
     "default": {"steps": 4, "batch_size": 2, "max_length": 64, "sync_every": 2, "layers": 2},
 }
 
@@ -120,10 +120,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             None, help="steps per client (default: 40 on tiny-llama, else 4)"
         ),
         batch_size: Optional[int] = typer.Option(
-            None, help="examples per step (default: 4 on tiny-llama, else 2)"
+            None, help="examples per step (default: 2)"
         ),
         max_length: Optional[int] = typer.Option(
-            None, help="token limit (default: 64)"
+            None, help="token limit (default: 48 on tiny-llama, else 64)"
         ),
         sync_every: Optional[int] = typer.Option(
             None, help="body/head/tail FedAvg period in steps, all modes"

@@ -194,13 +194,13 @@ def train(
 
 def _from_config_file(ctx: typer.Context, path: Path, cls, section: str, cli_values: dict) -> dict:
     """Values from a config file, except those given on the command line (or by environment variable)."""
-    from click.core import ParameterSource
-
     from .config import load_dataclass_file
 
-    given = {ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT}
+    def given(name: str) -> bool:  # by name: typer may bring its own copy of click's ParameterSource
+        return getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+
     values = load_dataclass_file(path, cls, section)
-    return {k: v for k, v in values.items() if k not in cli_values or ctx.get_parameter_source(k) not in given}
+    return {k: v for k, v in values.items() if k not in cli_values or not given(k)}
 
 
 def _report(figures: dict, json_path: Path | None, title: str) -> None:

@@ -71,7 +71,8 @@ class ReplayingSession:
                  exact: bool = True) -> None:
         self.transport, self.config = transport, config
         self.reconnect_timeout, self.exact = reconnect_timeout, exact
-        self.history: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []
+        self.history: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []  # cache-extending forwards
+        self.adapter = None  # a body adapter pushed into this session: re-pushed first on a replay
         self.reconnects = 0
         self.session = transport.open(config)
 
@@ -79,21 +80,35 @@ class ReplayingSession:
     def id(self) -> str:
         return self.session.id
 
-    def forward(self, step_id: int, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def _retrying(self, call):
         while True:
             try:
-                out = self.session.forward(step_id, hidden, pad_lengths, offset)
+                return call()
             except (RemoteError, ServerUnreachable) as exc:
                 if not is_recoverable(exc):
                     raise
                 log.warning("generation session lost (%s); reconnecting and replaying %d step(s)",
                             exc, len(self.history))
                 self._reconnect(exc)
-                continue
+
+    def forward(self, step_id: int, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int = 0,
+                keep_graph: bool = True, use_cache: bool = True) -> torch.Tensor:
+        out = self._retrying(lambda: self.session.forward(step_id, hidden, pad_lengths, offset,
+                                                          keep_graph=keep_graph, use_cache=use_cache))
+        if use_cache:  # a stateless forward leaves nothing on the server to rebuild
             self.history.append((step_id, hidden.detach().clone(), pad_lengths.clone(), offset))
-            return out
+        return out
+
+    def put_adapter(self, settings, state) -> None:
+        self._retrying(lambda: self.session.put_adapter(settings, state))
+        self.adapter = (settings, state)
+
+    def adapter_state(self):
+        return self._retrying(self.session.adapter_state)
 
     def _replay(self, session) -> None:
+        if self.adapter is not None:
+            session.put_adapter(*self.adapter)
         if not self.history:
             return
         if self.exact:  # the same forwards, the same chunks: the server's cache comes out bit-identical
@@ -124,6 +139,11 @@ class ReplayingSession:
             self.reconnects += 1
             log.info("generation session rebuilt as %s after replaying %d step(s)", session.id, len(self.history))
             return
+
+    def __getattr__(self, name):  # anything else (config of the stream, traffic, ...) is the live session's
+        if name == "session":
+            raise AttributeError(name)
+        return getattr(self.session, name)
 
     def step(self, clip_norm: float = 0.0) -> None:
         raise RuntimeError("optimizer step on a generate session")

@@ -4,9 +4,10 @@ One run: the same client processes, the same data and the same total examples fo
 every mode, at each round-trip time. Besides the wall times and the speedups it reports
 the bound this machine allows. Every party shares the machine's cores, so no mode can
 finish faster than the *pure compute* of the work — the same client steps (head, body and
-tail forward and backward, optimiser steps) run in one process with no network and no
-serialisation, measured in the same run. The bound on a mode's speedup over sequential is
-therefore ``sequential time / pure compute time``.
+tail forward and backward, optimiser steps) with no network and no serialisation,
+in one process or spread over one process per core, whichever is faster, measured in the
+same run. The bound on a mode's speedup over sequential is therefore
+``sequential time / pure compute time``.
 """
 
 from __future__ import annotations
@@ -113,15 +114,24 @@ def _compute_worker(cfg_json: str, clients: list[int], events, start) -> None:
 def measure_compute(cfg: SimulateConfig, processes: int | None = None) -> dict:
     """The pure compute time of the runs' client steps on this machine.
 
-    Measured twice — in one process with torch's default threads, and split over one
-    single-threaded process per core running at once — and the faster one counts: no
-    mode can do the same work faster than that.
+    Measured twice in the same run: all the steps in this process on one thread, and the
+    steps split over one single-threaded process per core running at once. The faster
+    counts — no mode can do the same work faster (on a machine shared with other work the
+    parallel split may gain nothing). One thread per process because several threads
+    sharing busy cores mostly spin-wait for each other.
     """
     import json
     import multiprocessing as mp
     import os
 
-    single = _ComputeShare(cfg, list(range(cfg.clients))).run()
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = _ComputeShare(cfg, list(range(cfg.clients))).run()
+    finally:
+        torch.set_num_threads(threads)
     k = max(1, min(processes or os.cpu_count() or 1, cfg.clients))
     ctx = mp.get_context("spawn")
     events, start = ctx.Queue(), ctx.Event()
@@ -150,7 +160,12 @@ def measure_compute(cfg: SimulateConfig, processes: int | None = None) -> dict:
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.terminate()
-    return {"one_process_s": single, f"{k}_processes_s": parallel, "compute_s": min(single, parallel)}
+    return {
+        "compute_s": min(serial, parallel),
+        "compute_serial_s": serial,
+        f"compute_{k}_processes_s": parallel,
+        "compute_ms_per_client_step": 1000 * serial / (cfg.clients * cfg.steps),
+    }
 
 
 def summarise(runs: list[dict], compute_seconds: float) -> list[dict]:

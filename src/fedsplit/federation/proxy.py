@@ -159,6 +159,8 @@ class ShapingProxy:
             await asyncio.gather(
                 self._pipe(client_r, server_w, up, "up"), self._pipe(server_r, client_w, down, "down")
             )
+        except asyncio.CancelledError:  # the proxy is stopping: drop the connection quietly
+            pass
         finally:
             for writer in (client_w, server_w):
                 writer.close()

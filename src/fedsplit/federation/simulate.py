@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -121,16 +122,34 @@ class SimulateConfig:
 
 
 @contextlib.contextmanager
+def one_thread_per_process():
+    """Child processes started inside get one compute thread each.
+
+    Every party shares the machine's cores; several multi-threaded processes on the same
+    cores make OpenMP threads spin-wait for each other, which costs far more than it gains.
+    """
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+
+
+@contextlib.contextmanager
 def federation_server(cfg: SimulateConfig, log_path: Path):
     """``fedsplit serve`` for ``cfg`` (and the shaping proxy in front of it); yields the address clients use."""
     from ..bench.procs import server_process
     from .proxy import ShapingProxy
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        open(log_path, "ab") as log_file,
-        server_process(cfg.model, *cfg.serve_args(), log_file=log_file) as (address, _),
-    ):
+    with contextlib.ExitStack() as stack:
+        log_file = stack.enter_context(open(log_path, "ab"))
+        with one_thread_per_process():
+            address, _ = stack.enter_context(server_process(cfg.model, *cfg.serve_args(), log_file=log_file))
         if cfg.rtt_ms > 0 or cfg.bandwidth_mbps > 0:
             host, port = address.rsplit(":", 1)
             with ShapingProxy((host, int(port)), cfg.rtt_ms, cfg.bandwidth_mbps) as proxy:
