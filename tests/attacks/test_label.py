@@ -117,3 +117,12 @@ def test_strong_gradient_noise_lowers_label_auc():
     clean = evaluate_attack("label", **kwargs).auc
     noisy = evaluate_attack("label", grad_defense_spec="gaussian:100:relative", **kwargs).auc
     assert noisy < clean - 0.15
+
+
+def test_norm_attack_on_binary_sentiment_with_the_tiny_model():
+    result = evaluate_attack(
+        "label", spec="tiny-llama", head_layers=1, n=32, label_binary=True, label_method="norm", progress=False
+    )
+    assert result.n == 32
+    assert result.label_accuracy > 0.65
+    assert result.auc > 0.7

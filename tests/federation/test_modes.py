@@ -121,3 +121,34 @@ def test_hierarchical_sync_goes_ahead_without_a_silent_client(make_servicer, cap
     with caplog.at_level("WARNING"):
         run(_zero_grad_step(servicer, a, 1, 1), timeout=20)
     assert "round timeout" in caplog.text and quiet.id in caplog.text
+
+
+def test_a_new_federation_starts_fresh_after_the_last_client_left(make_servicer):
+    from fedsplit.wire import codec
+    from fedsplit.wire import fedsplit_pb2 as pb
+
+    servicer = make_servicer("sequential", round_timeout=10)
+    coord = servicer.coordinator
+    a = open_train(servicer, owner="a")
+    fresh = servicer.pool.state_dict(a.adapter)
+    hidden, pad = ragged(2, 6, 1)
+
+    async def step_and_average(session, value):
+        out = await coord.forward(session, 1, hidden, pad, 0)
+        await coord.backward(session, 1, torch.ones_like(out))
+        await coord.step(session, 0.0)
+        upload = pb.AdapterUpload(
+            round=1, num_examples=2, tensors=codec.named_tensors({"w": torch.full((2,), value)})
+        )
+        reply = await coord.head_tail.upload("t", upload)
+        return codec.from_named_tensors(reply.tensors)["w"]
+
+    assert torch.equal(run(step_and_average(a, 1.0)), torch.ones(2))
+    assert any(not torch.equal(v, fresh[k]) for k, v in servicer.pool.state_dict(a.adapter).items())
+    coord.detach(a)  # the last client closes its stream
+    servicer.sessions.pop(a.id)
+    servicer.executor.submit(lambda: None).result()  # the body worker has dropped the shared adapter
+    b = open_train(servicer, owner="b")
+    for key, value in servicer.pool.state_dict(b.adapter).items():
+        assert torch.equal(value, fresh[key]), key  # the shared adapter starts again from its seeded init
+    assert torch.equal(run(step_and_average(b, 3.0)), torch.full((2,), 3.0))  # round 1 is a new round

@@ -250,7 +250,7 @@ def evaluate_label_attack(
     from .runner import AttackResult
 
     start = time.perf_counter()
-    data = load_task(task, max_examples=max(4 * n, 64), seed=seed)
+    data = load_task(task, max_examples=max((8 if binary else 4) * n, 64), seed=seed)
     if data.kind != "classification":
         raise ValueError(f"the label attack needs a classification task; {task!r} is {data.kind}")
     num_classes = len(data.label_words)

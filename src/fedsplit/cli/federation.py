@@ -119,9 +119,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         steps: Optional[int] = typer.Option(
             None, help="steps per client (default: 40 on tiny-llama, else 4)"
         ),
-        batch_size: Optional[int] = typer.Option(
-            None, help="examples per step (default: 2)"
-        ),
+        batch_size: Optional[int] = typer.Option(None, help="examples per step (default: 2)"),
         max_length: Optional[int] = typer.Option(
             None, help="token limit (default: 48 on tiny-llama, else 64)"
         ),
@@ -134,6 +132,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         bandwidth_mbps: float = typer.Option(0.0, help="per-client bandwidth cap at RTT > 0 (0 = none)"),
         lr: float = typer.Option(2e-4, help="AdamW learning rate"),
         eval_examples: int = typer.Option(200, help="test examples per mode's global model (0 = skip)"),
+        repeats: int = typer.Option(1, help="runs per mode and RTT, interleaved; medians are reported"),
         out: Path = typer.Option(Path("results/train-modes"), help="report folder"),
         json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures to this JSON file"),
     ) -> None:
@@ -161,7 +160,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             bandwidth_mbps=bandwidth_mbps,
             eval_examples=0,
         )
-        cfg = TrainModesConfig(rtt_ms=_floats(rtt_ms, "--rtt-ms"), eval_examples=eval_examples, out=str(out))
+        cfg = TrainModesConfig(
+            rtt_ms=_floats(rtt_ms, "--rtt-ms"), eval_examples=eval_examples, repeats=repeats, out=str(out)
+        )
         try:
             figures = run_train_modes(sim, cfg)
         except ValueError as exc:

@@ -12,6 +12,7 @@ same run. The bound on a mode's speedup over sequential is therefore
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -38,6 +39,7 @@ class TrainModesConfig:
         default=200,
         metadata={"help": "test examples per mode's global model, evaluated at the first RTT (0 = skip)"},
     )
+    repeats: int = field(default=1, metadata={"help": "runs per mode and RTT (medians are reported)"})
     out: str = field(default="results/train-modes", metadata={"help": "report folder"})
 
 
@@ -169,11 +171,16 @@ def measure_compute(cfg: SimulateConfig, processes: int | None = None) -> dict:
 
 
 def summarise(runs: list[dict], compute_seconds: float) -> list[dict]:
-    """Per RTT: wall time per mode, speedups over sequential, the bound and the fraction of it reached."""
+    """Per RTT: median wall time per mode, speedups over sequential, the bound and the fraction of it."""
+    import statistics
+
     rows = []
     for rtt in sorted({r["rtt_ms"] for r in runs}):
-        wall = {r["mode"]: r["wall_seconds"] for r in runs if r["rtt_ms"] == rtt}
+        walls = {m: [r["wall_seconds"] for r in runs if r["rtt_ms"] == rtt and r["mode"] == m] for m in MODES}
+        wall = {m: statistics.median(w) for m, w in walls.items() if w}
         row = {"rtt_ms": rtt, **{f"{SHORT[m]}_s": wall[m] for m in MODES if m in wall}}
+        if any(len(w) > 1 for w in walls.values()):
+            row["runs_s"] = {SHORT[m]: w for m, w in walls.items()}
         seq = wall.get("sequential")
         bound = seq / compute_seconds if seq else None
         row["bound"] = bound
@@ -187,50 +194,68 @@ def summarise(runs: list[dict], compute_seconds: float) -> list[dict]:
 
 
 def run_train_modes(sim: SimulateConfig, cfg: TrainModesConfig, progress: bool = True) -> dict:
-    """Measure every mode at every RTT with one pool of client processes; write the report."""
+    """Measure every mode at every RTT with one pool of client processes; write the report.
+
+    One server per mode runs for the whole benchmark (a server starts a new federation
+    whenever the last client of the previous run has left), so a run costs only its
+    training. Modes take turns at each RTT, in a rotated order on each repeat, so a change
+    in the machine's load hits them alike.
+    """
     from ..tasks import load_task
+    from .simulate import federation_server
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     for mode in MODES:
         replace(sim, mode=mode).check()
     started = time.perf_counter()
-    log.info("measuring the pure compute of %d x %d client steps", sim.clients, sim.steps)
-    measured = measure_compute(sim)
-    compute = measured["compute_s"]
-    log.info("pure compute: %s", measured)
     runs: list[dict] = []
-    with ClientPool(sim.specs()) as pool:
-        for rtt in cfg.rtt_ms:
-            for mode in MODES:
-                name = f"{mode}@{rtt:g}ms"
-                run = run_job(
-                    pool,
-                    replace(sim, mode=mode, rtt_ms=rtt),
-                    out,
-                    name,
-                    progress,
-                    save_dir=out / "adapters" / name,
-                )
-                log.info("%s: %.1fs", name, run["wall_seconds"])
-                runs.append(run)
+    with ClientPool(sim.specs(), wait=False) as pool, contextlib.ExitStack() as servers:
+        address = {
+            mode: servers.enter_context(
+                federation_server(replace(sim, mode=mode), out / f"server-{mode}.log")
+            )
+            for mode in MODES
+        }
+        pool.wait_loaded()
+        log.info("measuring the pure compute of %d x %d client steps", sim.clients, sim.steps)
+        measured = measure_compute(sim)
+        log.info("pure compute: %s", measured)
+        for repeat in range(cfg.repeats):
+            order = MODES[repeat % len(MODES) :] + MODES[: repeat % len(MODES)]
+            for rtt in cfg.rtt_ms:
+                for mode in order:
+                    name = f"{mode}@{rtt:g}ms" + (f"#{repeat + 1}" if cfg.repeats > 1 else "")
+                    run = run_job(
+                        pool,
+                        replace(sim, mode=mode, rtt_ms=rtt),
+                        out,
+                        name,
+                        progress,
+                        save_dir=out / "adapters" / name,
+                        server=address[mode],
+                    )
+                    run["repeat"] = repeat
+                    log.info("%s: %.1fs", name, run["wall_seconds"])
+                    runs.append(run)
     accuracy = {}
     if cfg.eval_examples > 0:
         task = load_task(sim.task, max_examples=sim.max_examples, seed=sim.seed)
         model = GlobalModel(sim.model, sim.head_layers[0], sim.tail_layers[0], sim.rank, sim.alpha)
-        first = cfg.rtt_ms[0]
         for run in runs:
-            if run["rtt_ms"] == first:
+            if run["rtt_ms"] == cfg.rtt_ms[0] and run["repeat"] == 0:
                 model.load(out / "adapters" / run["name"])
                 run["eval"] = model.evaluate(task, cfg.eval_examples)
                 accuracy[run["mode"]] = run["eval"]
-    table = summarise(runs, compute)
+    table = summarise(runs, measured["compute_s"])
     figures = {
         "model": sim.model,
         "clients": sim.clients,
         "steps_per_client": sim.steps,
         "batch_size": sim.batch_size,
+        "max_length": sim.max_length,
         "examples_per_mode": sim.clients * sim.steps * sim.batch_size,
+        "repeats": cfg.repeats,
         **measured,
         "rows": table,
         "eval": accuracy,

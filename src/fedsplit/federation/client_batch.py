@@ -83,6 +83,14 @@ class ClientBatch(SharedAdapter):
                 if gather is not None:
                     gather.poke()
 
+    def reset(self) -> None:
+        super().reset()
+        self.by_session.clear()
+        self._open.clear()
+        self.forwards = Gather(
+            "client-batch forward", self.timeout, self.waiting_for_forward, self._forward_round
+        )
+
     def detach(self, session: BodySession) -> None:
         rnd = self.by_session.pop(session.id, None)
         if rnd is not None:

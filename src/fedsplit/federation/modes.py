@@ -66,7 +66,11 @@ class Coordinator:
         self.sync_every = int(getattr(config, "sync_every", 0))
         self.fedavg_every = int(getattr(config, "fedavg_every", 0))
         self.attached: dict[str, BodySession] = {}
-        self.head_tail = HeadTailRounds(self.timeout, lambda: len(self.attached), config.max_message_bytes)
+        self.head_tail = self._new_rounds()
+
+    def _new_rounds(self) -> HeadTailRounds:
+        config = self.servicer.config
+        return HeadTailRounds(self.timeout, lambda: len(self.attached), config.max_message_bytes)
 
     # ------------------------------------------------------------------ session life cycle
 
@@ -82,6 +86,17 @@ class Coordinator:
         """The session's stream ended (closed or broken): nobody waits for it any more."""
         if self.attached.pop(session.id, None) is not None:
             self.poke()
+            if not any(
+                s.config.mode == "train" and s.id != session.id for s in self.servicer.sessions.values()
+            ):
+                log.info(
+                    "%s: the last training session left; the next clients start a new federation", self.mode
+                )
+                self.reset()
+
+    def reset(self) -> None:
+        """Forget the federation's state (closed rounds, shared weights): rounds restart at 1."""
+        self.head_tail = self._new_rounds()
 
     def poke(self) -> None:
         self.head_tail.poke()
@@ -137,6 +152,12 @@ class SharedAdapter(Coordinator):
                 else None
             )
         session.optimizer = self.optimizer
+
+    def reset(self) -> None:
+        super().reset()
+        self.optimizer = None
+        if SHARED_ADAPTER in self.servicer.pool.settings:  # on the body worker, after any pending compute
+            self.servicer.executor.submit(self.servicer.pool.delete, SHARED_ADAPTER)
 
     def shared_ids(self) -> set[str]:
         return {sid for sid, s in self.attached.items() if self.shared(s)}
@@ -216,6 +237,10 @@ class Sequential(SharedAdapter):
         self.turn = Turn(self.timeout, self._revoke)
         self.steps = 0
 
+    def reset(self) -> None:
+        super().reset()
+        self.turn = Turn(self.timeout, self._revoke)
+
     def _revoke(self, sid: str) -> None:
         session = self.attached.get(sid) or self.servicer.sessions.get(sid)
         if session is not None:
@@ -270,6 +295,13 @@ class ServerHierarchical(Coordinator):
         super().detach(session)
         self.local_steps.pop(session.id, None)
         self.examples.pop(session.id, None)
+
+    def reset(self) -> None:
+        super().reset()
+        self.barriers.clear()
+        self.local_steps.clear()
+        self.examples.clear()
+        self.last_round = 0
 
     async def forward(self, session, step_id, hidden, pad, offset):
         out = await super().forward(session, step_id, hidden, pad, offset)

@@ -141,21 +141,28 @@ def one_thread_per_process():
 
 @contextlib.contextmanager
 def federation_server(cfg: SimulateConfig, log_path: Path):
-    """``fedsplit serve`` for ``cfg`` (and the shaping proxy in front of it); yields the address clients use."""
+    """``fedsplit serve`` in ``cfg.mode`` in a child process; yields its address."""
     from ..bench.procs import server_process
-    from .proxy import ShapingProxy
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         log_file = stack.enter_context(open(log_path, "ab"))
         with one_thread_per_process():
             address, _ = stack.enter_context(server_process(cfg.model, *cfg.serve_args(), log_file=log_file))
-        if cfg.rtt_ms > 0 or cfg.bandwidth_mbps > 0:
-            host, port = address.rsplit(":", 1)
-            with ShapingProxy((host, int(port)), cfg.rtt_ms, cfg.bandwidth_mbps) as proxy:
-                yield proxy.address
-        else:
-            yield address
+        yield address
+
+
+@contextlib.contextmanager
+def network(address: str, cfg: SimulateConfig):
+    """The address clients dial: the server's, or a shaping proxy's in front of it (``cfg.rtt_ms``)."""
+    from .proxy import ShapingProxy
+
+    if cfg.rtt_ms > 0 or cfg.bandwidth_mbps > 0:
+        host, port = address.rsplit(":", 1)
+        with ShapingProxy((host, int(port)), cfg.rtt_ms, cfg.bandwidth_mbps) as proxy:
+            yield proxy.address
+    else:
+        yield address
 
 
 def run_job(
@@ -165,12 +172,13 @@ def run_job(
     name: str,
     progress: bool = True,
     save_dir: Path | None = None,
-    address: str | None = None,
+    server: str | None = None,
 ) -> dict:
     """One training run of every client of ``pool`` under ``cfg``; returns the run's figures.
 
-    Starts a server for ``cfg`` unless ``address`` names one already running. Client 0
-    saves the global adapters to ``save_dir`` (default ``out/global``).
+    Starts a server for ``cfg`` unless ``server`` is the address of one already running in
+    ``cfg.mode`` (a server starts a new federation once the last client of the previous one
+    has left). Client 0 saves the global adapters to ``save_dir`` (default ``out/global``).
     """
     from tqdm import tqdm
 
@@ -183,13 +191,13 @@ def run_job(
         bar.update(1)
         bar.set_postfix(loss=f"{event['loss']:.3f}")
 
-    job = Job(address=address or "", steps=cfg.steps, name=name, save_dir=str(save_dir or out / "global"))
     try:
-        if address:
+        with contextlib.ExitStack() as stack:
+            if server is None:
+                server = stack.enter_context(federation_server(cfg, out / f"server-{name}.log"))
+            address = stack.enter_context(network(server, cfg))
+            job = Job(address=address, steps=cfg.steps, name=name, save_dir=str(save_dir or out / "global"))
             started, results = pool.run(job, on_step)
-        else:
-            with federation_server(cfg, out / f"server-{name}.log") as job.address:
-                started, results = pool.run(job, on_step)
     finally:
         bar.close()
     wall = max(r["end"] for r in results) - started
@@ -329,7 +337,7 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
         with federation_server(cfg, out / f"server-{cfg.mode}.log") as address:  # starts while clients load
             pool.wait_loaded()
             log.info("%d client processes loaded in %.0fs", cfg.clients, time.perf_counter() - t0)
-            run = run_job(pool, cfg, out, cfg.mode, progress, address=address)
+            run = run_job(pool, cfg, out, cfg.mode, progress, server=address)
     if cfg.eval_examples > 0:
         from ..tasks import load_task
 
