@@ -263,6 +263,47 @@ def bench_load(
                 new_tokens, train_batch, train_length, memory_budget), json_out, "fedsplit bench load")
 
 
+@app.command()
+def attack(
+    attack_name: str = typer.Option("vmi", "--attack", help="vmi | relaxation | learned | bisr | nearest | label"),
+    defense: Optional[str] = typer.Option(None, help="defence spec on the hidden states, e.g. gaussian:0.05"),
+    head_layers: int = typer.Option(2, help="p: blocks in the client's head"),
+    task: str = typer.Option("sentiment", help="victim texts come from this task's test split"),
+    n: int = typer.Option(200, help="victim examples"),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    seed: int = typer.Option(0, help="seed"),
+    quick: bool = typer.Option(False, "--quick", help="fewer optimisation steps"),
+    utility_examples: int = typer.Option(48, help="task examples for the defence's utility cost"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures here"),
+) -> None:
+    """What an honest-but-curious server recovers, and what the defence costs the task."""
+    from ..bench.privacy import attack_with_cost
+
+    row = _open(attack_with_cost, attack_name, defense, head_layers, task, n, model, seed, quick, utility_examples)
+    _report(row, json_out, f"fedsplit attack {attack_name}")
+
+
+@bench_app.command("privacy")
+def bench_privacy(
+    quick: bool = typer.Option(False, "--quick", help="small grid (<= 5 min); default: the full sweep"),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    task: str = typer.Option("sentiment", help="victim texts and utility task"),
+    out: Path = typer.Option(Path("results/privacy"), help="folder for privacy.json, privacy.md, PNG plots"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the rows here"),
+) -> None:
+    """Attacks x defences x strengths x p: a table and privacy-utility plots with the Pareto frontier."""
+    import json
+
+    from ..bench.privacy import sweep
+
+    summary = sweep(quick, model, task, out)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(summary, indent=2))
+    print((out / "privacy.md").read_text())
+    print(f"{len(summary['rows'])} rows in {summary['seconds']:.0f}s; plots in {out}")
+
+
 @bench_app.command("memory")
 def bench_memory(
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
