@@ -9,7 +9,9 @@ from fedsplit.privacy import parse_defense
 
 
 def f1_of(pred, ids, score):
-    return token_prf([p[m].tolist() for p, m in zip(pred, score)], [t[m].tolist() for t, m in zip(ids, score)])[2]
+    return token_prf(
+        [p[m].tolist() for p, m in zip(pred, score)], [t[m].tolist() for t, m in zip(ids, score)]
+    )[2]
 
 
 def random_f1(ids, score, vocab, seed=0):
@@ -49,7 +51,9 @@ def test_strong_gaussian_noise_lowers_nearest_f1(head_of, victims):
 def test_vmi_recovers_most_tokens_at_p1(head_of, victims):
     tokenizer, ids, pad, score = victims
     head = head_of(1)
-    pred = invert_vmi(head, observed(head, ids, pad), pad, steps=60, vocab_size=len(tokenizer), progress=False)
+    pred = invert_vmi(
+        head, observed(head, ids, pad), pad, steps=60, vocab_size=len(tokenizer), progress=False
+    )
     f1 = f1_of(pred, ids, score)
     assert f1 > 0.8
     assert f1 > random_f1(ids, score, len(tokenizer)) + 0.5
@@ -60,14 +64,18 @@ def test_strong_gaussian_noise_lowers_vmi_f1(head_of, victims):
     head = head_of(1)
     kwargs = dict(steps=60, vocab_size=len(tokenizer), progress=False)
     clean = f1_of(invert_vmi(head, observed(head, ids, pad), pad, **kwargs), ids, score)
-    noisy = f1_of(invert_vmi(head, observed(head, ids, pad, "gaussian:5.0:relative"), pad, **kwargs), ids, score)
+    noisy = f1_of(
+        invert_vmi(head, observed(head, ids, pad, "gaussian:5.0:relative"), pad, **kwargs), ids, score
+    )
     assert noisy < clean - 0.3
 
 
 def test_relaxation_beats_chance_at_p1(head_of, victims):
     tokenizer, ids, pad, score = victims
     head = head_of(1)
-    pred = invert_relaxation(head, observed(head, ids, pad), pad, steps=60, vocab_size=len(tokenizer), progress=False)
+    pred = invert_relaxation(
+        head, observed(head, ids, pad), pad, steps=60, vocab_size=len(tokenizer), progress=False
+    )
     assert f1_of(pred, ids, score) > random_f1(ids, score, len(tokenizer)) + 0.5
 
 
@@ -75,7 +83,13 @@ def test_relaxation_with_candidate_lists_beats_chance(head_of, victims):
     tokenizer, ids, pad, score = victims
     head = head_of(1)
     pred = invert_relaxation(
-        head, observed(head, ids, pad), pad, steps=60, candidates=16, vocab_size=len(tokenizer), progress=False
+        head,
+        observed(head, ids, pad),
+        pad,
+        steps=60,
+        candidates=16,
+        vocab_size=len(tokenizer),
+        progress=False,
     )
     assert f1_of(pred, ids, score) > random_f1(ids, score, len(tokenizer)) + 0.4
 

@@ -96,7 +96,9 @@ def test_victim_gradients_are_the_grad_of_the_tail_input(tiny):
     pad = torch.tensor([0, 2, 1])
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[:, -1] = ids[:, -1]
-    grads = victim_gradients(parts.head, parts.body, parts.tail, ids, labels, pad, batch_size=2, progress=False)
+    grads = victim_gradients(
+        parts.head, parts.body, parts.tail, ids, labels, pad, batch_size=2, progress=False
+    )
     assert grads.shape == (3, 6, model.config.hidden_size)
     # Only the position predicting the answer (and those before it) get gradient; the answer itself none.
     assert torch.all(grads[:, -1] == 0)
@@ -121,7 +123,13 @@ def test_strong_gradient_noise_lowers_label_auc():
 
 def test_norm_attack_on_binary_sentiment_with_the_tiny_model():
     result = evaluate_attack(
-        "label", spec="tiny-llama", head_layers=1, n=32, label_binary=True, label_method="norm", progress=False
+        "label",
+        spec="tiny-llama",
+        head_layers=1,
+        n=32,
+        label_binary=True,
+        label_method="norm",
+        progress=False,
     )
     assert result.n == 32
     assert result.label_accuracy > 0.65

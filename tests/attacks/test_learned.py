@@ -11,7 +11,9 @@ from fedsplit.tasks import load_task
 
 
 def f1_of(pred, ids, score):
-    return token_prf([p[m].tolist() for p, m in zip(pred, score)], [t[m].tolist() for t, m in zip(ids, score)])[2]
+    return token_prf(
+        [p[m].tolist() for p, m in zip(pred, score)], [t[m].tolist() for t, m in zip(ids, score)]
+    )[2]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +39,13 @@ def attack_setup(tmp_path_factory):
                 hidden = head(ids, pad)
                 sent = defense(hidden, pad) if defense is not None else hidden
             inverter = train_inverter(
-                head, token_batches(aux_ids, aux_pad, 32), parse_defense(defense_spec, hidden_size=64),
-                steps=100, seed=0, ignore_ids=tokenizer.all_special_ids, progress=False,
+                head,
+                token_batches(aux_ids, aux_pad, 32),
+                parse_defense(defense_spec, hidden_size=64),
+                steps=60,
+                seed=0,
+                ignore_ids=tokenizer.all_special_ids,
+                progress=False,
             )
             made[defense_spec] = (head, inverter, sent, pad, ids, score)
         return made[defense_spec]
@@ -67,7 +74,9 @@ def test_inverter_predicts_only_tokens_seen_in_the_auxiliary_text(tiny, head_of)
     _, tokenizer = tiny
     head = head_of(1)
     ids, pad, _ = encode_texts(tokenizer, ["aaa bbb", "ab"], 8)
-    inverter = train_inverter(head, [(ids, pad)], steps=2, progress=False, ignore_ids=tokenizer.all_special_ids)
+    inverter = train_inverter(
+        head, [(ids, pad)], steps=2, progress=False, ignore_ids=tokenizer.all_special_ids
+    )
     assert set(inverter.vocab_ids.tolist()) == set(tokenizer("ab ", add_special_tokens=False)["input_ids"])
     out = inverter.decode(torch.randn(2, 5, 64))
     assert set(out.flatten().tolist()) <= set(inverter.vocab_ids.tolist())

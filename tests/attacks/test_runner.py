@@ -3,10 +3,27 @@
 import pytest
 import torch
 
-from fedsplit.attacks import ATTACKS, AttackResult, encode_texts, evaluate_attack, run_inversion, token_batches
+from fedsplit.attacks import (
+    ATTACKS,
+    AttackResult,
+    encode_texts,
+    evaluate_attack,
+    run_inversion,
+    token_batches,
+)
 
-TOKEN_KEYS = {"attack", "defense", "head_layers", "n", "token_precision", "token_recall", "token_f1", "rougeL",
-              "bleu4", "seconds"}
+TOKEN_KEYS = {
+    "attack",
+    "defense",
+    "head_layers",
+    "n",
+    "token_precision",
+    "token_recall",
+    "token_f1",
+    "rougeL",
+    "bleu4",
+    "seconds",
+}
 
 
 def test_attack_names_are_the_public_ones():
@@ -36,8 +53,16 @@ def test_vmi_end_to_end_quick_run_beats_chance():
 
 
 def test_learned_end_to_end_quick_run_beats_chance():
-    result = evaluate_attack("learned", spec="tiny-llama", head_layers=1, n=8, quick=True, steps=40,
-                             aux_examples=64, progress=False)
+    result = evaluate_attack(
+        "learned",
+        spec="tiny-llama",
+        head_layers=1,
+        n=8,
+        quick=True,
+        steps=40,
+        aux_examples=64,
+        progress=False,
+    )
     assert result.token_f1 > 0.3
 
 

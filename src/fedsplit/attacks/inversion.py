@@ -90,7 +90,11 @@ def nearest_tokens(
         else:  # argmin ||x - e||^2 = argmax 2 x.e - ||e||^2
             scores = 2 * part @ table.T - sq_norms
         out.append(scores.argmax(-1))
-    return torch.cat(out).reshape(vectors.shape[:-1]) if out else torch.zeros(vectors.shape[:-1], dtype=torch.long)
+    return (
+        torch.cat(out).reshape(vectors.shape[:-1])
+        if out
+        else torch.zeros(vectors.shape[:-1], dtype=torch.long)
+    )
 
 
 def topk_tokens(vectors: torch.Tensor, embedding: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
@@ -270,8 +274,15 @@ def invert_relaxation(
         if init_embeds is None:
             start_steps = max(steps // 4, 1)
             init_embeds = invert_vmi(
-                head, hidden, pad_lengths, steps=start_steps, vocab_size=vocab_size, seed=seed,
-                progress=progress, return_embeds=True, init=None if init_ids is None else table[init_ids],
+                head,
+                hidden,
+                pad_lengths,
+                steps=start_steps,
+                vocab_size=vocab_size,
+                seed=seed,
+                progress=progress,
+                return_embeds=True,
+                init=None if init_ids is None else table[init_ids],
             )[1]
         cand = topk_tokens(init_embeds, table, candidates)  # [B, T, K]
         if init_ids is not None:

@@ -66,7 +66,11 @@ def victim_gradients(
     try:
         starts = range(0, input_ids.shape[0], batch_size)
         for s in tqdm(starts, desc="victim gradients", disable=not progress, leave=False):
-            ids, lab, pad = input_ids[s : s + batch_size], labels[s : s + batch_size], pad_lengths[s : s + batch_size]
+            ids, lab, pad = (
+                input_ids[s : s + batch_size],
+                labels[s : s + batch_size],
+                pad_lengths[s : s + batch_size],
+            )
             with torch.no_grad():
                 hidden = head(ids, pad)
                 if defense is not None:
@@ -114,7 +118,9 @@ def kmeans(
             centroids = torch.cat([centroids, x[torch.multinomial(probs, 1, generator=generator)]])
         for _ in range(iters):
             assign = torch.cdist(x, centroids).argmin(dim=1)
-            new = torch.stack([x[assign == j].mean(0) if (assign == j).any() else centroids[j] for j in range(k)])
+            new = torch.stack(
+                [x[assign == j].mean(0) if (assign == j).any() else centroids[j] for j in range(k)]
+            )
             if cosine:
                 new = F.normalize(new, dim=-1)
             if torch.allclose(new, centroids):
@@ -137,7 +143,9 @@ def match_clusters(assign: torch.Tensor, labels: torch.Tensor, k: int) -> torch.
     for a, y in zip(assign.tolist(), labels.tolist()):
         counts[a, y] += 1
     if k <= 7:
-        best = max(itertools.permutations(range(k)), key=lambda perm: sum(counts[c, perm[c]] for c in range(k)))
+        best = max(
+            itertools.permutations(range(k)), key=lambda perm: sum(counts[c, perm[c]] for c in range(k))
+        )
         return torch.tensor(best, dtype=torch.long)
     return torch.tensor(counts.argmax(axis=1), dtype=torch.long)
 
@@ -189,7 +197,10 @@ def infer_labels(
         if num_classes != 2:
             raise ValueError("the norm attack is for binary labels; use 'cluster' or 'classifier'")
         scores, aux_scores = feats.norm(dim=-1), aux.norm(dim=-1)
-        means = [aux_scores[aux_labels == c].mean() if (aux_labels == c).any() else aux_scores.mean() for c in (0, 1)]
+        means = [
+            aux_scores[aux_labels == c].mean() if (aux_labels == c).any() else aux_scores.mean()
+            for c in (0, 1)
+        ]
         sign = 1.0 if means[1] >= means[0] else -1.0
         threshold = (means[0] + means[1]) / 2
         return ((scores - threshold) * sign > 0).long(), scores * sign
@@ -197,7 +208,7 @@ def infer_labels(
     if method == "cluster":
         points = torch.cat([feats, aux])
         assign, centroids = kmeans(points, num_classes, seed=seed)
-        mapping = match_clusters(assign[len(feats):], aux_labels, num_classes)
+        mapping = match_clusters(assign[len(feats) :], aux_labels, num_classes)
         # Per-label score: cosine similarity to the centroid mapped to that label.
         sims = F.normalize(feats, dim=-1) @ centroids.T  # [N, k clusters]
         scores = torch.empty_like(sims)
@@ -259,7 +270,8 @@ def evaluate_label_attack(
         last = num_classes - 1
         keep = {0: 0, last: 1}
         train, test = (
-            [dataclasses.replace(e, label=keep[e.label]) for e in split_ if e.label in keep] for split_ in (train, test)
+            [dataclasses.replace(e, label=keep[e.label]) for e in split_ if e.label in keep]
+            for split_ in (train, test)
         )
         num_classes = 2
     model, tokenizer = load_model(spec)
@@ -274,8 +286,16 @@ def evaluate_label_attack(
     def grads_of(examples):
         batch = collate([encode_example(tokenizer, ex, max_length) for ex in examples], pad_id_of(tokenizer))
         return victim_gradients(
-            parts.head, parts.body, parts.tail, batch["input_ids"], batch["labels"], batch["pad_lengths"],
-            defense=defense, grad_defense=grad_defense, batch_size=batch_size, progress=progress,
+            parts.head,
+            parts.body,
+            parts.tail,
+            batch["input_ids"],
+            batch["labels"],
+            batch["pad_lengths"],
+            defense=defense,
+            grad_defense=grad_defense,
+            batch_size=batch_size,
+            progress=progress,
         )
 
     # Features are taken per example, so rows of different widths never need to line up.
@@ -286,9 +306,15 @@ def evaluate_label_attack(
     pred, scores = infer_labels(victim_feats, num_classes, known_feats, known_y, method=method, seed=seed)
     names = [d.name for d in (defense, grad_defense) if d is not None]
     result = AttackResult(
-        attack="label", defense="+".join(names) or "none", head_layers=head_layers, n=len(victims),
-        seconds=round(time.perf_counter() - start, 2), label_accuracy=accuracy(pred, labels),
-        auc=auc(scores, labels), model=spec, task=task,
+        attack="label",
+        defense="+".join(names) or "none",
+        head_layers=head_layers,
+        n=len(victims),
+        seconds=round(time.perf_counter() - start, 2),
+        label_accuracy=accuracy(pred, labels),
+        auc=auc(scores, labels),
+        model=spec,
+        task=task,
     )
     log.info("label vs %s: accuracy %.3f, AUC %.3f", result.defense, result.label_accuracy, result.auc)
     return result

@@ -68,7 +68,9 @@ class Inverter(nn.Module):
         block = nn.TransformerEncoderLayer(
             width, heads, 2 * width, dropout=dropout, batch_first=True, norm_first=True, activation="gelu"
         )
-        self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False) if layers > 0 else None
+        self.encoder = (
+            nn.TransformerEncoder(block, layers, enable_nested_tensor=False) if layers > 0 else None
+        )
         self.out_norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, len(vocab_ids))
         if embedding is not None and embedding.shape[1] == width:
@@ -96,7 +98,9 @@ class Inverter(nn.Module):
         """Most likely model token id at every position, ``[B, T]``."""
         was_training = self.training
         self.eval()
-        pad_lengths = pad_lengths if pad_lengths is not None else torch.zeros(hidden.shape[0], dtype=torch.long)
+        pad_lengths = (
+            pad_lengths if pad_lengths is not None else torch.zeros(hidden.shape[0], dtype=torch.long)
+        )
         out = [
             self.vocab_ids[self(hidden[s : s + batch_size], pad_lengths[s : s + batch_size]).argmax(-1)]
             for s in range(0, hidden.shape[0], batch_size)
@@ -163,13 +167,20 @@ def train_inverter(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         inverter = Inverter(table.shape[1], vocab_ids, width=width, layers=layers, embedding=table)
-        log.info("training an inverter: %d aux batches, %d output tokens, %d steps", len(cached), len(vocab_ids), steps)
+        log.info(
+            "training an inverter: %d aux batches, %d output tokens, %d steps",
+            len(cached),
+            len(vocab_ids),
+            steps,
+        )
         loss = _fit(inverter, cached, lookup, defense, steps=steps, lr=lr, progress=progress)
     log.info("inverter trained: last batch loss %.3f", loss)
     return inverter.eval()
 
 
-def _fit(inverter: Inverter, cached, lookup: torch.Tensor, defense, *, steps: int, lr: float, progress: bool) -> float:
+def _fit(
+    inverter: Inverter, cached, lookup: torch.Tensor, defense, *, steps: int, lr: float, progress: bool
+) -> float:
     """AdamW with linear warm-up and cosine decay; one cached batch per step, fresh defence draws."""
     optimizer = torch.optim.AdamW(inverter.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -222,12 +233,27 @@ def refine(
     start_ids = start_ids.clamp(max=table.shape[0] - 1)
     if method == "vmi":
         return invert_vmi(
-            head, hidden, pad_lengths, steps=steps, init=table[start_ids], vocab_size=vocab_size, seed=seed,
-            progress=progress, **kwargs,
+            head,
+            hidden,
+            pad_lengths,
+            steps=steps,
+            init=table[start_ids],
+            vocab_size=vocab_size,
+            seed=seed,
+            progress=progress,
+            **kwargs,
         )
     if method == "relaxation":
         return invert_relaxation(
-            head, hidden, pad_lengths, steps=steps, init_ids=start_ids, init_embeds=table[start_ids],
-            vocab_size=vocab_size, seed=seed, progress=progress, **kwargs,
+            head,
+            hidden,
+            pad_lengths,
+            steps=steps,
+            init_ids=start_ids,
+            init_embeds=table[start_ids],
+            vocab_size=vocab_size,
+            seed=seed,
+            progress=progress,
+            **kwargs,
         )
     raise ValueError(f"refinement method must be 'vmi' or 'relaxation', got {method!r}")

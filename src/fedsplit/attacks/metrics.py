@@ -168,7 +168,9 @@ def auc(scores, labels) -> float:
     labels = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels).astype(int)
     if scores.ndim == 1:
         return _binary_auc(scores, labels == 1)
-    per_class = [_binary_auc(scores[:, k], labels == k) for k in range(scores.shape[1]) if (labels == k).any()]
+    per_class = [
+        _binary_auc(scores[:, k], labels == k) for k in range(scores.shape[1]) if (labels == k).any()
+    ]
     per_class = [a for a in per_class if not math.isnan(a)]
     return float(np.mean(per_class)) if per_class else float("nan")
 

@@ -100,7 +100,9 @@ def encode_texts(
     return ids, pad, score
 
 
-def token_batches(ids: torch.Tensor, pad: torch.Tensor, batch_size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def token_batches(
+    ids: torch.Tensor, pad: torch.Tensor, batch_size: int = 32
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Cut a left-padded set of rows into batches, each trimmed of columns that are pad in all its rows."""
     order = torch.argsort(pad, descending=True, stable=True)
     out = []
@@ -143,13 +145,25 @@ def run_inversion(
         return invert_nearest(head, hidden, pad_lengths, vocab_size=vocab_size)
     if attack == "vmi":
         return invert_vmi(
-            head, hidden, pad_lengths, steps=steps or DEFAULT_VMI_STEPS, seed=seed, vocab_size=vocab_size,
-            progress=progress, **extra,
+            head,
+            hidden,
+            pad_lengths,
+            steps=steps or DEFAULT_VMI_STEPS,
+            seed=seed,
+            vocab_size=vocab_size,
+            progress=progress,
+            **extra,
         )
     if attack == "relaxation":
         return invert_relaxation(
-            head, hidden, pad_lengths, steps=steps or DEFAULT_RELAX_STEPS, seed=seed, vocab_size=vocab_size,
-            progress=progress, **extra,
+            head,
+            hidden,
+            pad_lengths,
+            steps=steps or DEFAULT_RELAX_STEPS,
+            seed=seed,
+            vocab_size=vocab_size,
+            progress=progress,
+            **extra,
         )
     if attack in ("learned", "bisr"):
         if inverter is None:
@@ -158,8 +172,15 @@ def run_inversion(
         if attack == "learned":
             return guess
         return refine(
-            head, hidden, pad_lengths, guess, steps=steps or DEFAULT_VMI_STEPS // 2, vocab_size=vocab_size,
-            seed=seed, progress=progress, **({"lr": 0.5} | extra),
+            head,
+            hidden,
+            pad_lengths,
+            guess,
+            steps=steps or DEFAULT_VMI_STEPS // 2,
+            vocab_size=vocab_size,
+            seed=seed,
+            progress=progress,
+            **({"lr": 0.5} | extra),
         )
     raise ValueError(f"unknown inversion attack {attack!r}; choose one of {INVERSION_ATTACKS}")
 
@@ -229,9 +250,18 @@ def evaluate_attack(
         from .label import evaluate_label_attack
 
         return evaluate_label_attack(
-            spec=spec, head_layers=head_layers, tail_layers=tail_layers, defense_spec=defense_spec,
-            grad_defense_spec=grad_defense_spec, task=task, n=n, seed=seed, method=label_method,
-            known_labels=known_labels, binary=label_binary, progress=progress,
+            spec=spec,
+            head_layers=head_layers,
+            tail_layers=tail_layers,
+            defense_spec=defense_spec,
+            grad_defense_spec=grad_defense_spec,
+            task=task,
+            n=n,
+            seed=seed,
+            method=label_method,
+            known_labels=known_labels,
+            binary=label_binary,
+            progress=progress,
         )
 
     tokenizer = load_tokenizer(spec)
@@ -248,7 +278,9 @@ def evaluate_attack(
     with torch.no_grad():
         hidden = head(ids, pad)
         sent = defense(hidden, pad) if defense is not None else hidden
-    log.info("%s vs %s: %d victims, p=%d, %s", attack, _defense_name(defense), len(victims), head_layers, spec)
+    log.info(
+        "%s vs %s: %d victims, p=%d, %s", attack, _defense_name(defense), len(victims), head_layers, spec
+    )
 
     inverter = None
     if attack in ("learned", "bisr"):
@@ -260,15 +292,27 @@ def evaluate_attack(
         if attack == "learned" and steps is not None:
             train_steps = steps
         inverter = train_inverter(
-            head, token_batches(aux_ids, aux_pad), attacker_defense, steps=train_steps, seed=seed,
-            ignore_ids=tokenizer.all_special_ids, progress=progress,
+            head,
+            token_batches(aux_ids, aux_pad),
+            attacker_defense,
+            steps=train_steps,
+            seed=seed,
+            ignore_ids=tokenizer.all_special_ids,
+            progress=progress,
         )
     attack_steps = steps if attack != "learned" else None
     if quick and attack_steps is None and attack in QUICK:
         attack_steps = QUICK[attack]
     recovered = run_inversion(
-        attack, head, sent, pad, steps=attack_steps, seed=seed, inverter=inverter,
-        vocab_size=len(tokenizer), progress=progress,
+        attack,
+        head,
+        sent,
+        pad,
+        steps=attack_steps,
+        seed=seed,
+        inverter=inverter,
+        vocab_size=len(tokenizer),
+        progress=progress,
     )
     return _score(attack, defense, head_layers, recovered, ids, score, tokenizer, start, spec, task)
 
@@ -282,12 +326,23 @@ def _score(attack, defense, head_layers, recovered, ids, score, tokenizer, start
     pred_texts = [tokenizer.decode(r) for r in pred_rows]
     rouge, bleu = mean_text_scores(pred_texts, true_texts)
     result = AttackResult(
-        attack=attack, defense=_defense_name(defense), head_layers=head_layers, n=len(ids),
-        seconds=round(time.perf_counter() - start, 2), token_precision=precision, token_recall=recall,
-        token_f1=f1, rougeL=rouge, bleu4=bleu, model=spec, task=task,
+        attack=attack,
+        defense=_defense_name(defense),
+        head_layers=head_layers,
+        n=len(ids),
+        seconds=round(time.perf_counter() - start, 2),
+        token_precision=precision,
+        token_recall=recall,
+        token_f1=f1,
+        rougeL=rouge,
+        bleu4=bleu,
+        model=spec,
+        task=task,
         samples=list(zip(true_texts[:3], pred_texts[:3])),
     )
-    log.info("%s vs %s: token F1 %.3f, ROUGE-L %.3f (%.1f s)", attack, result.defense, f1, rouge, result.seconds)
+    log.info(
+        "%s vs %s: token F1 %.3f, ROUGE-L %.3f (%.1f s)", attack, result.defense, f1, rouge, result.seconds
+    )
     return result
 
 
