@@ -17,15 +17,13 @@ def f1_of(pred, ids, score):
 
 
 @pytest.fixture(scope="module")
-def attack_setup(tmp_path_factory):
+def attack_setup():
     """``make(defense_spec)`` -> (head, inverter, sent, pad, ids, score), one training per spec.
 
     Auxiliary text is the sentiment train split, victims its test split: disjoint.
     """
     task = load_task("sentiment", max_examples=192, seed=0)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FEDSPLIT_CACHE", str(tmp_path_factory.getbasetemp() / "fedsplit-cache"))
-        model, tokenizer = load_model("tiny-llama")
+    model, tokenizer = load_model("tiny-llama")
     head = split(model, 1, 0).head
     aux_ids, aux_pad, _ = encode_texts(tokenizer, [e.prompt for e in task.train], 24)
     ids, pad, score = encode_texts(tokenizer, [e.prompt for e in task.test[:16]], 24)

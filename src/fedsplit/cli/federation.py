@@ -12,8 +12,15 @@ MODEL_HELP = "preset (smollm2-135m, tiny-llama), Hugging Face id, local director
 
 # Work small enough for a 2-core machine: the default model's figures take minutes, not hours.
 BENCH_DEFAULTS = {
-    "tiny-llama": {"steps": 40, "batch_size": 2, "max_length": 48, "sync_every": 10, "layers": 1},
-    "default": {"steps": 4, "batch_size": 2, "max_length": 64, "sync_every": 2, "layers": 2},
+    "tiny-llama": {
+        "steps": 40,
+        "batch_size": 2,
+        "max_length": 48,
+        "sync_every": 10,
+        "layers": 1,
+        "eval": 200,
+    },
+    "default": {"steps": 4, "batch_size": 2, "max_length": 64, "sync_every": 2, "layers": 2, "eval": 100},
 }
 
 
@@ -131,7 +138,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         partition: str = typer.Option("iid", help="iid or dirichlet:ALPHA"),
         bandwidth_mbps: float = typer.Option(0.0, help="per-client bandwidth cap at RTT > 0 (0 = none)"),
         lr: float = typer.Option(2e-4, help="AdamW learning rate"),
-        eval_examples: int = typer.Option(200, help="test examples per mode's global model (0 = skip)"),
+        eval_examples: Optional[int] = typer.Option(
+            None,
+            help="test examples per mode's global model, at the first RTT (default: 200 on tiny-llama, "
+            "else 100; 0 = skip)",
+        ),
         repeats: int = typer.Option(1, help="runs per mode and RTT, interleaved; medians are reported"),
         out: Path = typer.Option(Path("results/train-modes"), help="report folder"),
         json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures to this JSON file"),
@@ -161,7 +172,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             eval_examples=0,
         )
         cfg = TrainModesConfig(
-            rtt_ms=_floats(rtt_ms, "--rtt-ms"), eval_examples=eval_examples, repeats=repeats, out=str(out)
+            rtt_ms=_floats(rtt_ms, "--rtt-ms"),
+            eval_examples=eval_examples if eval_examples is not None else d["eval"],
+            repeats=repeats,
+            out=str(out),
         )
         try:
             figures = run_train_modes(sim, cfg)
