@@ -8,6 +8,7 @@ hidden states it sends, against the same model with no defence.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -43,27 +44,39 @@ FULL_GRID = {
 }
 
 
+@functools.lru_cache(maxsize=4)
+def _frozen_parts(spec: str, head_layers: int, tail_layers: int):
+    """Base-model head, tail and body for utility scoring (no adapters: safe to share across calls)."""
+    span = body_span(num_layers(load_config(spec)), head_layers, tail_layers)
+    head, tail = load_client_parts(spec, head_layers, tail_layers)
+    return head, tail, load_part(spec, "body", span=span), span
+
+
+@functools.lru_cache(maxsize=4)
+def _task(name: str, seed: int):
+    from ..tasks import load_task
+
+    return load_task(name, seed=seed)
+
+
 def utility(spec: str, head_layers: int, defense_spec: str | None, task: str = "sentiment", n: int = 48,
             seed: int = 0, tail_layers: int = 2) -> dict:
     """Task metrics of the split base model with ``defense_spec`` on what the client sends."""
-    from ..tasks import answer_log_likelihoods, encode_example, load_task, pad_id_of, predict_label_words
+    from ..tasks import answer_log_likelihoods, encode_example, pad_id_of, predict_label_words
 
     tokenizer = load_tokenizer(spec)
-    n_layers = num_layers(load_config(spec))
-    span = body_span(n_layers, head_layers, tail_layers)
-    head, tail = load_client_parts(spec, head_layers, tail_layers)
-    hidden_size = int(head.config.hidden_size)
-    defense = parse_defense(defense_spec, hidden_size=hidden_size)
+    head, tail, body, span = _frozen_parts(spec, head_layers, tail_layers)
+    defense = parse_defense(defense_spec, hidden_size=int(head.config.hidden_size))
     if defense is not None:
         defense.eval()
-    client = SplitClient(head, tail, LocalTransport(load_part(spec, "body", span=span)), span, defense=defense)
-    examples = load_task(task, seed=seed).test[:n]
+    client = SplitClient(head, tail, LocalTransport(body), span, defense=defense)
+    task_obj = _task(task, seed)
+    examples = task_obj.test[:n]
     torch.manual_seed(seed)
     scores = answer_log_likelihoods([encode_example(tokenizer, ex, 128) for ex in examples], client.logits,
                                     pad_id_of(tokenizer))
     nll = -sum(s for s, _ in scores) / max(sum(c for _, c in scores), 1)
     result = {"nll": nll}
-    task_obj = load_task(task, seed=seed)
     if task_obj.label_words:
         preds = predict_label_words(examples, tokenizer, client.logits, task_obj.label_words)
         result["accuracy"] = sum(int(p == ex.label) for p, ex in zip(preds, examples)) / len(examples)
