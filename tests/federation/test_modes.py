@@ -152,3 +152,28 @@ def test_a_new_federation_starts_fresh_after_the_last_client_left(make_servicer)
     for key, value in servicer.pool.state_dict(b.adapter).items():
         assert torch.equal(value, fresh[key]), key  # the shared adapter starts again from its seeded init
     assert torch.equal(run(step_and_average(b, 3.0)), torch.full((2,), 3.0))  # round 1 is a new round
+
+
+def test_interleaved_replicas_train_as_if_each_were_alone(make_servicer):
+    def train(sessions, rounds=3):
+        for step in range(rounds):
+            for i, session in enumerate(sessions):
+                hidden, pad = ragged(2, 6, 10 * i + step)
+                out = session.forward(step, hidden, pad, 0)
+                session.backward(step, out * 0.1 + 1.0)
+                session.step()
+
+    together = make_servicer("independent")
+    a, b, c = (open_train(together, owner=o) for o in "abc")
+    train([a, b, c])
+    for i, session in enumerate((a, b, c)):
+        alone = make_servicer("independent")
+        solo = open_train(alone, owner="solo")
+        for step in range(3):
+            hidden, pad = ragged(2, 6, 10 * i + step)
+            out = solo.forward(step, hidden, pad, 0)
+            solo.backward(step, out * 0.1 + 1.0)
+            solo.step()
+        want, got = alone.pool.state_dict(solo.adapter), together.pool.state_dict(session.adapter)
+        for key in want:
+            assert torch.allclose(got[key], want[key], atol=1e-6), key

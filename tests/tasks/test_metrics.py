@@ -136,3 +136,38 @@ def test_evaluate_dispatches_on_the_task_kind(chat_tokenizer):
 def test_evaluate_generation_without_generate_fn_is_a_clear_error(chat_tokenizer):
     with pytest.raises(ValueError, match="generate_fn"):
         evaluate(_task("qa", [Example("q", "a")]), chat_tokenizer, None, progress=False)
+
+
+def _causal_random_model(vocab: int, seed: int = 0):
+    """A fake causal LM: each position's logits depend on the non-pad tokens up to it, not on padding."""
+    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed))
+
+    def logits_fn(input_ids, pad_lengths):
+        positions = torch.arange(input_ids.shape[1])
+        real = (positions[None, :] >= pad_lengths[:, None]).long()
+        return table[((input_ids * real) * 7919).cumsum(dim=1) % vocab]  # a hash of the real prefix
+
+    return logits_fn
+
+
+@pytest.mark.parametrize("words, one_token", [(["a", "b", "c"], True), (["negative", "neutral", "positive"], False)])
+def test_label_word_predictions_equal_full_answer_scoring(chat_tokenizer, words, one_token):
+    from fedsplit.tasks.metrics import (
+        _label_word_encoding,
+        _single_token_choices,
+        answer_log_likelihoods,
+        predict_label_words,
+    )
+
+    logits_fn = _causal_random_model(len(chat_tokenizer))
+    examples = [Example(f"Text number {i} {'x' * i}. Which?", words[0], label=0) for i in range(7)]
+    got = predict_label_words(examples, chat_tokenizer, logits_fn, words, batch_size=3)
+    encoded = [_label_word_encoding(chat_tokenizer, ex.prompt, w, 256) for ex in examples for w in words]
+    scores = answer_log_likelihoods(encoded, logits_fn, chat_tokenizer.pad_token_id, batch_size=1)
+    k = len(words)
+    want = [max(range(k), key=lambda w: scores[i * k + w][0]) for i in range(len(examples))]
+    assert got == want
+    # single-token words take the one-forward path, the others the full scoring; both agree above
+    assert (_single_token_choices(encoded[:k]) is not None) == one_token
+    if one_token:
+        assert len(set(want)) > 1  # the fake model does not favour one word everywhere

@@ -16,6 +16,8 @@ from torch import nn
 
 from ..model.lora import LoraSettings, seed_lora
 
+_STALE = object()  # forces the next activate() to set every layer
+
 
 class AdapterPool:
     """Create, activate, read, write, average and delete named adapters on ``body``."""
@@ -24,11 +26,15 @@ class AdapterPool:
         self.body = body
         self.settings: dict[str, LoraSettings] = {}
         self.lock = threading.RLock()
+        self._active: object = None  # the active adapter name; _STALE after the layers changed
+        self._layers: list | None = None
         for p in body.parameters():
             p.requires_grad_(False)
 
     def _tuner_layers(self):
-        return [m for m in self.body.modules() if isinstance(m, BaseTunerLayer)]
+        if self._layers is None:
+            self._layers = [m for m in self.body.modules() if isinstance(m, BaseTunerLayer)]
+        return self._layers
 
     def create(self, name: str, settings: LoraSettings, seed: int | None = None) -> None:
         if name in self.settings:
@@ -41,9 +47,12 @@ class AdapterPool:
             if seed is not None:
                 seed_lora(self.body, seed, name)
             self.settings[name] = settings
+            # Every adapter's weights stay trainable (whatever the injection did to the others'),
+            # base weights frozen; activate() then only switches which adapter runs.
             for pname, p in self.body.named_parameters():
-                if f".{name}." in pname:
+                if "lora_" in pname:
                     p.requires_grad_(True)
+            self._layers, self._active = None, _STALE
             self.activate(None)
 
     def parameters(self, name: str) -> list[nn.Parameter]:
@@ -51,24 +60,21 @@ class AdapterPool:
         return [p for pname, p in self.body.named_parameters() if "lora_" in pname and pname.endswith(suffix)]
 
     def activate(self, name: str | None) -> None:
-        """Make ``name`` the only active adapter (None: plain base weights)."""
-        for layer in self._tuner_layers():
-            if name is None:
-                layer.enable_adapters(False)
-            else:
-                layer.enable_adapters(True)
-                layer.set_adapter(name)
-                # set_adapter marks the adapter trainable; keep base weights frozen and others untouched.
-                for other in self.settings:
-                    for p in self._layer_params(layer, other):
-                        p.requires_grad_(True)
+        """Make ``name`` the only active adapter (None: plain base weights).
 
-    @staticmethod
-    def _layer_params(layer, name):
-        for attr in ("lora_A", "lora_B"):
-            modules = getattr(layer, attr, {})
-            if name in modules:
-                yield from modules[name].parameters()
+        Sets each tuner layer's active adapter directly. peft's ``set_adapter`` and
+        ``enable_adapters`` also toggle ``requires_grad`` on every adapter of the layer — work
+        that grows with the number of adapters (tens of ms per call with one replica per
+        client) and that this pool does not want: adapter weights stay trainable, base
+        weights frozen, from ``create`` on.
+        """
+        if name == self._active:
+            return
+        for layer in self._tuner_layers():
+            layer._disable_adapters = name is None
+            if name is not None:
+                layer._active_adapter = [name]
+        self._active = name
 
     def state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter weights keyed like a saved peft adapter (``layers.<i>...lora_A.weight``)."""
@@ -104,3 +110,4 @@ class AdapterPool:
                 if name in getattr(layer, "lora_A", {}):
                     layer.delete_adapter(name)
             self.settings.pop(name, None)
+            self._layers, self._active = None, _STALE

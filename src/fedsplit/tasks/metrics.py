@@ -173,11 +173,58 @@ def predict_label_words(
         for ex in examples
         for word in label_words
     ]
+    k = len(label_words)
+    shared = [_single_token_choices(encoded[i * k : (i + 1) * k]) for i in range(len(examples))]
+    if all(choice is not None for choice in shared):
+        return _predict_from_shared_prefix(shared, logits_fn, pad_id_of(tokenizer), batch_size, progress)
     scores = answer_log_likelihoods(
         encoded, logits_fn, pad_id_of(tokenizer), batch_size=batch_size, progress=progress, desc="label words"
     )
-    k = len(label_words)
     return [max(range(k), key=lambda w: scores[i * k + w][0]) for i in range(len(examples))]
+
+
+def _single_token_choices(choices: Sequence[Encoded]) -> tuple[list[int], list[int]] | None:
+    """``(prefix, candidate ids)`` when every label word is one scored token after the same prefix.
+
+    Then one forward of the prefix scores all words at once: the log-likelihood of a one-token
+    answer is the log-softmax at the prefix's last position (the model is causal, so what follows
+    the word does not change it). None when the fast path does not apply.
+    """
+    prefix: list[int] | None = None
+    candidates = []
+    for enc in choices:
+        scored = [i for i, label in enumerate(enc.labels) if label != IGNORE_INDEX]
+        if len(scored) != 1:
+            return None
+        position = scored[0]
+        if prefix is None:
+            prefix = enc.input_ids[:position]
+        elif enc.input_ids[:position] != prefix:
+            return None
+        candidates.append(enc.labels[position])
+    return (prefix, candidates) if prefix else None
+
+
+@torch.no_grad()
+def _predict_from_shared_prefix(
+    shared: Sequence[tuple[list[int], list[int]]], logits_fn: LogitsFn, pad_id: int, batch_size: int, progress: bool
+) -> list[int]:
+    preds = [0] * len(shared)
+    order = sorted(range(len(shared)), key=lambda i: len(shared[i][0]))
+    bar = _progress(len(shared), progress, "label words")
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = collate([Encoded(shared[i][0], [IGNORE_INDEX] * len(shared[i][0])) for i in rows], pad_id)
+            last = torch.log_softmax(logits_fn(batch["input_ids"], batch["pad_lengths"])[:, -1].float(), dim=-1)
+            for j, i in enumerate(rows):
+                preds[i] = int(last[j, torch.tensor(shared[i][1])].argmax())
+            if bar is not None:
+                bar.update(len(rows))
+    finally:
+        if bar is not None:
+            bar.close()
+    return preds
 
 
 def accuracy_by_label_words(
