@@ -177,3 +177,23 @@ def test_interleaved_replicas_train_as_if_each_were_alone(make_servicer):
         want, got = alone.pool.state_dict(solo.adapter), together.pool.state_dict(session.adapter)
         for key in want:
             assert torch.allclose(got[key], want[key], atol=1e-6), key
+
+
+def test_a_forward_outdated_by_another_clients_step_is_refused_cleanly(make_servicer):
+    import pytest
+
+    from fedsplit.server.session import SessionError
+
+    servicer = make_servicer("sequential", round_timeout=10)
+    a, b = open_train(servicer, owner="a"), open_train(servicer, owner="b")
+    hidden, pad = ragged(2, 6, 3)
+    out_a = a.forward(1, hidden, pad, 0)  # bypassing the turn, as a misbehaving server path would
+    out_b = b.forward(1, hidden, pad, 0)
+    b.backward(1, torch.ones_like(out_b))
+    b.step()
+    with pytest.raises(SessionError) as err:
+        a.backward(1, torch.ones_like(out_a))
+    assert err.value.code == "FAILED_PRECONDITION"
+    assert all(p.grad is None for p in servicer.pool.parameters(a.adapter))  # nothing leaked into the shared grads
+    again = a.forward(2, hidden, pad, 0)  # a new forward on the updated weights trains normally
+    assert a.backward(2, torch.ones_like(again)).shape == hidden.shape

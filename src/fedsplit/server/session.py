@@ -47,6 +47,7 @@ class SessionConfig:
 class _Graph:
     inputs: torch.Tensor
     outputs: torch.Tensor
+    versions: tuple[int, ...] = ()  # the adapter weights' in-place versions at the forward
     created: float = field(default_factory=time.monotonic)
 
 
@@ -155,8 +156,13 @@ class BodySession:
             )
         inputs = hidden.detach().requires_grad_()
         outputs = self.body(inputs, pad_lengths, None, offset, span=self.config.span)
-        self.graphs[step_id] = _Graph(inputs, outputs)
+        self.graphs[step_id] = _Graph(inputs, outputs, self._adapter_versions())
         return outputs.detach()
+
+    def _adapter_versions(self) -> tuple[int, ...]:
+        if self.adapter is None:
+            return ()
+        return tuple(p._version for p in self.pool.parameters(self.adapter))
 
     def backward(self, step_id: int, grad: torch.Tensor) -> torch.Tensor:
         """Backprop the client's gradient w.r.t. the body output; return the gradient w.r.t. the input."""
@@ -171,6 +177,14 @@ class BodySession:
             self.graphs[step_id] = graph
             raise SessionError(
                 "INVALID_ARGUMENT", f"grad has shape {list(grad.shape)}, expected {list(graph.outputs.shape)}"
+            )
+        if graph.versions != self._adapter_versions():
+            # Another session sharing this adapter stepped since the forward: autograd would fail
+            # half-way (after accumulating part of the gradient into the shared weights).
+            raise SessionError(
+                "FAILED_PRECONDITION",
+                f"the body adapter changed since the forward of step {step_id} (another client's optimiser "
+                "step on the shared adapter); send the forward again",
             )
         graph.outputs.backward(grad)
         return graph.inputs.grad
