@@ -25,22 +25,31 @@ from ..privacy import parse_defense
 
 log = logging.getLogger(__name__)
 
-# (attack, defence spec) grid; strengths chosen around the hidden-state scale (relative noise).
+# The sweep's grids. Hidden-state defences are relative to each token's RMS so one strength means
+# the same signal-to-noise ratio at every p; gradient defences are relative to the batch's largest
+# token gradient norm. Sizes keep `--quick` under 5 minutes and the full sweep under 60 on 2 cores.
 QUICK_GRID = {
     "attacks": ["vmi"],
-    "defenses": ["none", "gaussian:0.1:relative", "gaussian:0.5:relative", "sparsify:0.2", "laplace:0.3:relative"],
+    "defenses": ["none", "gaussian:0.5:relative", "sparsify:0.1", "laplace:0.5:relative"],
     "head_layers": [1, 2],
     "n": 16,
     "utility_n": 16,
+    "label_defenses": ["none", "gaussian:1:relative"],
+    "label_n": 24,
+    "quick": True,
 }
 FULL_GRID = {
-    "attacks": ["vmi", "learned", "relaxation"],
-    "defenses": ["none", "gaussian:0.05:relative", "gaussian:0.2:relative", "gaussian:0.5:relative",
-                 "gaussian:1.0:relative", "laplace:0.3:relative", "sparsify:0.5", "sparsify:0.1",
-                 "dp:clip=50,sigma=0.5"],
+    "attacks": ["vmi", "learned"],
+    "defenses": ["none", "gaussian:0.25:relative", "gaussian:1:relative", "gaussian:4:relative",
+                 "laplace:1:relative", "sparsify:0.1", "dp:clip=50,sigma=0.05", "dx:20"],
     "head_layers": [1, 2, 4],
-    "n": 64,
+    "n": 32,
     "utility_n": 48,
+    "extra": [("relaxation", 1, "none"), ("relaxation", 1, "gaussian:1:relative")],
+    "label_defenses": ["none", "gaussian:0.03:relative", "gaussian:0.1:relative", "gaussian:0.3:relative",
+                       "gaussian:1:relative"],
+    "label_n": 64,
+    "quick": False,
 }
 
 
@@ -109,41 +118,99 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
     return keep
 
 
+def gradient_utility(spec: str, grad_defense: str | None, task: str = "sentiment", n: int = 16, seed: int = 0,
+                     head_layers: int = 2, tail_layers: int = 2) -> dict:
+    """How much of the training signal survives a gradient defence: cosine of clean vs sent gradients.
+
+    The gradients are the ones the client sends the server for ``n`` training examples of the
+    task (w.r.t. the body output, answer-only loss), flattened per batch of 8.
+    """
+    from ..attacks.label import victim_gradients
+    from ..privacy import parse_grad_defense
+    from ..tasks import collate, encode_example, pad_id_of
+
+    defense = parse_grad_defense(None if grad_defense in (None, "none") else grad_defense)
+    if defense is None:
+        return {"grad_cosine": 1.0}
+    tokenizer = load_tokenizer(spec)
+    head, tail, body, _ = _frozen_parts(spec, head_layers, tail_layers)
+    batch = collate([encode_example(tokenizer, ex, 128) for ex in _task(task, seed).train[:n]], pad_id_of(tokenizer))
+    clean = victim_gradients(head, body, tail, batch["input_ids"], batch["labels"], batch["pad_lengths"],
+                             progress=False)
+    torch.manual_seed(seed)
+    cosines = []
+    for start in range(0, clean.shape[0], 8):
+        g = clean[start : start + 8]
+        cosines.append(float(torch.nn.functional.cosine_similarity(g.flatten(), defense(g).flatten(), dim=0)))
+    return {"grad_cosine": sum(cosines) / len(cosines)}
+
+
+def _jobs(grid: dict) -> list[tuple[str, int, str]]:
+    jobs = [(attack, p, defense) for p in grid["head_layers"] for defense in grid["defenses"]
+            for attack in grid["attacks"]]
+    jobs += list(grid.get("extra", []))
+    jobs += [("label", 2, defense) for defense in grid.get("label_defenses", [])]
+    return jobs
+
+
 def sweep(quick: bool = True, spec: str = "smollm2-135m", task: str = "sentiment", out: Path | None = None,
-          seed: int = 0) -> dict:
-    """attacks × defences × p; writes privacy.json, privacy.md and one PNG per attack."""
-    grid = QUICK_GRID if quick else FULL_GRID
+          seed: int = 0, grid: dict | None = None, progress: bool = True) -> dict:
+    """attacks × defences × p (and label inference × gradient defences); writes privacy.json,
+    privacy.md and one PNG per attack."""
+    from tqdm.auto import tqdm
+
+    grid = grid or (QUICK_GRID if quick else FULL_GRID)
     started = time.perf_counter()
     rows, utilities = [], {}
-    for p in grid["head_layers"]:
-        for defense in grid["defenses"]:
+    jobs = _jobs(grid)
+    bar = tqdm(jobs, desc="privacy sweep", unit="run", disable=not progress)
+    for attack, p, defense in bar:
+        bar.set_postfix_str(f"{attack} p={p} {defense}")
+        spec_or_none = None if defense == "none" else defense
+        if attack == "label":
+            key = ("grad", defense)
+            if key not in utilities:
+                utilities[key] = gradient_utility(spec, defense, task, seed=seed)
+            result = evaluate_attack("label", spec=spec, head_layers=p, task=task, n=grid["label_n"], seed=seed,
+                                     grad_defense_spec=spec_or_none, progress=False)
+        else:
             key = (p, defense)
-            utilities[key] = utility(spec, p, None if defense == "none" else defense, task, grid["utility_n"], seed)
-            for attack in grid["attacks"]:
-                result = evaluate_attack(attack, spec=spec, head_layers=p, task=task, n=grid["n"], seed=seed,
-                                         defense_spec=None if defense == "none" else defense, quick=quick,
-                                         progress=False)
-                row = {**result.as_dict(), "defense": defense, "head_layers": p,
-                       **{f"utility_{k}": v for k, v in utilities[key].items()}}
-                rows.append(row)
-                log.info("privacy %s p=%d %s: F1 %.3f, utility %s", attack, p, defense,
-                         row.get("token_f1", float("nan")), utilities[key])
-    summary = {"rows": rows, "seconds": time.perf_counter() - started, "quick": quick, "model": spec}
+            if key not in utilities:
+                utilities[key] = utility(spec, p, spec_or_none, task, grid["utility_n"], seed)
+            result = evaluate_attack(attack, spec=spec, head_layers=p, task=task, n=grid["n"], seed=seed,
+                                     defense_spec=spec_or_none, quick=grid["quick"], progress=False)
+        row = {**result.as_dict(), "defense": defense, "head_layers": p,
+               **{f"utility_{k}": v for k, v in utilities[key].items()}}
+        rows.append(row)
+        log.info("privacy %s p=%d %s: %s, utility %s", attack, p, defense,
+                 {k: row[k] for k in ("token_f1", "label_accuracy") if k in row}, utilities[key])
+    bar.close()
+    summary = {"rows": rows, "seconds": time.perf_counter() - started, "quick": quick, "model": spec,
+               "task": task, "n": grid["n"], "label_n": grid.get("label_n")}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "privacy.json").write_text(json.dumps(summary, indent=2))
         (out / "privacy.md").write_text(_markdown(rows))
-        for attack in grid["attacks"]:
+        for attack in sorted({r["attack"] for r in rows}):
             _plot([r for r in rows if r["attack"] == attack], out / f"privacy_{attack}.png", attack)
     return summary
 
 
 def _markdown(rows: list[dict]) -> str:
-    lines = ["| attack | p | defence | token F1 | ROUGE-L | utility NLL | utility accuracy |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        lines.append(f"| {r['attack']} | {r['head_layers']} | {r['defense']} | {r.get('token_f1', math.nan):.3f} | "
-                     f"{r.get('rougeL', math.nan):.3f} | {r['utility_nll']:.3f} | {r.get('utility_accuracy', math.nan):.3f} |")
+    lines = []
+    inversion = [r for r in rows if r["attack"] != "label"]
+    if inversion:
+        lines += ["| attack | p | defence | token F1 | ROUGE-L | BLEU-4 | utility NLL | utility accuracy | seconds |",
+                  "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['attack']} | {r['head_layers']} | {r['defense']} | {r.get('token_f1', math.nan):.3f} | "
+                  f"{r.get('rougeL', math.nan):.3f} | {r.get('bleu4', math.nan):.3f} | {r['utility_nll']:.3f} | "
+                  f"{r.get('utility_accuracy', math.nan):.3f} | {r.get('seconds', math.nan):.0f} |" for r in inversion]
+    label = [r for r in rows if r["attack"] == "label"]
+    if label:
+        lines += ["", "| attack | gradient defence | label accuracy | AUC | gradient cosine (utility) | seconds |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| label | {r['defense']} | {r['label_accuracy']:.3f} | {r['auc']:.3f} | "
+                  f"{r['utility_grad_cosine']:.3f} | {r.get('seconds', math.nan):.0f} |" for r in label]
     return "\n".join(lines) + "\n"
 
 
@@ -153,18 +220,23 @@ def _plot(rows: list[dict], path: Path, attack: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    label = attack == "label"
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for p in sorted({r["head_layers"] for r in rows}):
         sub = [r for r in rows if r["head_layers"] == p]
-        leak = [r.get("token_f1", 0.0) for r in sub]
-        util = [-r["utility_nll"] for r in sub]
+        leak = [r.get("label_accuracy" if label else "token_f1", 0.0) for r in sub]
+        util = [r["utility_grad_cosine"] if label else -r["utility_nll"] for r in sub]
         ax.scatter(leak, util, label=f"p = {p}")
         for r, x, y in zip(sub, leak, util):
             ax.annotate(r["defense"].replace(":relative", "r"), (x, y), fontsize=6)
         front = sorted(pareto(list(zip(leak, util))), key=lambda i: leak[i])
         ax.plot([leak[i] for i in front], [util[i] for i in front], "--", linewidth=1)
-    ax.set_xlabel(f"{attack}: token F1 of the reconstruction (privacy leaked)")
-    ax.set_ylabel("utility: -NLL of the task answers")
+    if label:
+        ax.set_xlabel("label: accuracy of the inferred labels (privacy leaked)")
+        ax.set_ylabel("utility: cosine of sent vs clean gradient")
+    else:
+        ax.set_xlabel(f"{attack}: token F1 of the reconstruction (privacy leaked)")
+        ax.set_ylabel("utility: -NLL of the task answers")
     ax.set_title("privacy-utility (dashed: Pareto frontier)")
     ax.legend()
     fig.tight_layout()

@@ -328,13 +328,18 @@ def bench_quality(
     max_length: int = typer.Option(96, help="token limit per example"),
     noise: float = typer.Option(0.02, help="the 'default noise' run: Gaussian std relative to token RMS"),
     seed: int = typer.Option(0, help="same seed and data for every run"),
+    head_layers: int = typer.Option(2, help="p of the split runs"),
+    tail_layers: int = typer.Option(2, help="q of the split runs"),
+    wire_dtype: str = typer.Option("fp32", help="wire dtype of the split runs: fp32 isolates the split itself; "
+                                                "fp16/bf16/int8 add the wire's rounding"),
     out: Path = typer.Option(Path("results/quality"), help="folder for quality.json / quality.md / adapters"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures here"),
 ) -> None:
     """Centralized vs split (no noise) vs split (noise): the task metric and wall time of each."""
     from ..bench.quality import run
 
-    figures = run(model, task, steps, batch_size, lr, eval_examples, seed, noise, max_length, out)
+    figures = run(model, task, steps, batch_size, lr, eval_examples, seed, noise, max_length, out,
+                  wire_dtype=wire_dtype, head_layers=head_layers, tail_layers=tail_layers)
     _report(figures, json_out, "fedsplit bench quality")
 
 

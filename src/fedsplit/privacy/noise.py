@@ -15,9 +15,15 @@ sink at position 0) does not inflate the noise on every other token, and (3) the
 defence stays a per-token map, which the DP composition argument of
 :class:`~fedsplit.privacy.base.Compose` relies on.
 
-Gradients: ``std`` is multiplied by the RMS of the *whole gradient tensor* (the
-batch). A per-example scale would keep the ratio of per-example gradient norms
-intact, which is exactly what norm-based label-leakage attacks use.
+Gradients: ``std`` is multiplied by the *largest per-token L2 norm* in the gradient
+tensor (the batch): the noise on every coordinate is ``std`` times the norm of the
+strongest token gradient, the calibration of the Gaussian mechanism with that norm as
+sensitivity. One scale for the whole batch, because a per-example scale would keep the
+ratio of per-example gradient norms intact, which is exactly what norm-based
+label-leakage attacks use. Not the RMS of the whole tensor: with an answer-only loss
+nearly every position's gradient is ~0, so that RMS is the answer positions' divided
+by about the square root of the sequence length, and the direction of the answer
+gradient (what clustering attacks use) survives noise many "RMS" strong.
 """
 
 from __future__ import annotations
@@ -142,10 +148,9 @@ class GaussianGradDefense(GradDefense):
     """Adds ``N(0, std^2)`` noise to the gradient copy that is sent to the server.
 
     Args:
-        std: noise standard deviation (absolute), or a fraction of the RMS of the
-            whole gradient tensor if ``relative`` (see the module docstring for why
-            the whole tensor).
-        relative: scale ``std`` by the RMS of the whole gradient tensor.
+        std: noise standard deviation (absolute), or a multiple of the largest per-token
+            L2 norm of the gradient tensor if ``relative`` (see the module docstring).
+        relative: scale ``std`` by the largest per-token L2 norm of the gradient tensor.
     """
 
     kind = "gaussian"
@@ -163,5 +168,5 @@ class GaussianGradDefense(GradDefense):
             grad = grad.detach()
             noise = torch.randn_like(grad) * self.std
             if self.relative:
-                noise = noise * grad.float().pow(2).mean().sqrt().to(grad.dtype)
+                noise = noise * grad.float().norm(dim=-1).max().to(grad.dtype)
             return grad + noise

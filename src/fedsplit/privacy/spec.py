@@ -39,7 +39,7 @@ GRAD_SPEC_HELP = """\
 Valid gradient-defence specs:
   none                          no defence
   gaussian:STD[:relative]       add N(0, STD^2) noise to the gradient sent to the server;
-                                ':relative' multiplies STD by the RMS of the whole gradient tensor
+                                ':relative' multiplies STD by the largest per-token L2 norm of the gradient
 Examples: 'gaussian:0.01', 'gaussian:0.1:relative'"""
 
 _DP_KEYS = ("clip", "sigma", "epsilon", "delta", "steps", "sample_rate", "neighbouring", "accountant")
