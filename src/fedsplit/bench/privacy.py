@@ -42,6 +42,8 @@ FULL_GRID = {
     "attacks": ["vmi", "learned"],
     "defenses": ["none", "gaussian:0.25:relative", "gaussian:1:relative", "gaussian:4:relative",
                  "laplace:1:relative", "sparsify:0.1", "dp:clip=50,sigma=0.05", "dx:20"],
+    # the learned attacker trains an inverter per (p, defence): the strongest defences only
+    "defenses_of": {"learned": ["none", "gaussian:1:relative", "gaussian:4:relative", "dp:clip=50,sigma=0.05"]},
     "head_layers": [1, 2, 4],
     "n": 32,
     "utility_n": 48,
@@ -146,8 +148,9 @@ def gradient_utility(spec: str, grad_defense: str | None, task: str = "sentiment
 
 
 def _jobs(grid: dict) -> list[tuple[str, int, str]]:
+    only = grid.get("defenses_of", {})
     jobs = [(attack, p, defense) for p in grid["head_layers"] for defense in grid["defenses"]
-            for attack in grid["attacks"]]
+            for attack in grid["attacks"] if defense in only.get(attack, grid["defenses"])]
     jobs += list(grid.get("extra", []))
     jobs += [("label", 2, defense) for defense in grid.get("label_defenses", [])]
     return jobs
