@@ -116,7 +116,7 @@ class SplitClient:
     def start_training(self, config: SessionConfig, lr: float = 2e-4, weight_decay: float = 0.0) -> None:
         self.train_session = self.transport.open(config)
         params = self.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if params else None
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True) if params else None
 
     def send(self, hidden: torch.Tensor, pad_lengths: torch.Tensor) -> torch.Tensor:
         return self.defense(hidden, pad_lengths) if self.defense is not None else hidden

@@ -147,7 +147,7 @@ class SharedAdapter(Coordinator):
         if self.optimizer is None:
             params = self.servicer.pool.parameters(SHARED_ADAPTER)
             self.optimizer = (
-                torch.optim.AdamW(params, lr=session.config.lr, weight_decay=session.config.weight_decay)
+                torch.optim.AdamW(params, lr=session.config.lr, weight_decay=session.config.weight_decay, foreach=True)
                 if params
                 else None
             )

@@ -93,7 +93,7 @@ class BodySession:
                 pool.create(self.adapter, config.lora or LoraSettings(), config.seed)
             params = pool.parameters(self.adapter)
             # An empty body span has nothing to train; steps are then no-ops.
-            self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay) if params else None
+            self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True) if params else None
 
     @property
     def hidden_size(self) -> int:
