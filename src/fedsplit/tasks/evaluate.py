@@ -6,6 +6,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from .base import Example, Task, subsample
 from .metrics import LogitsFn, accuracy_by_label_words, perplexity, qa_scores, rouge_scores
 from .prompts import encode_prompt
@@ -49,24 +51,15 @@ def generate_answers(
 ) -> list[str]:
     """Generate an answer for each example's prompt (prompts cut to ``max_length`` tokens)."""
     prompts = [encode_prompt(tokenizer, ex.prompt, max_length) for ex in examples]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(prompts), desc="generating", unit="ex")
     answers: list[str] = []
-    try:
+    with tqdm(total=len(prompts), desc="generating", unit="ex", disable=not progress) as bar:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             generated = generate_fn(chunk, max_new_tokens)
             if len(generated) != len(chunk):
                 raise ValueError(f"generate_fn returned {len(generated)} sequences for {len(chunk)} prompts")
             answers.extend(decode_answer(tokenizer, ids, first_line=first_line) for ids in generated)
-            if bar is not None:
-                bar.update(len(chunk))
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update(len(chunk))
     return answers
 
 

@@ -94,11 +94,10 @@ def qa_scores(preds: Sequence[str], refs: Sequence[str | Sequence[str]]) -> dict
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return None
+    """A progress bar over examples (a silent no-op one when not ``enabled``); use it with ``with``."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="ex")
+    return tqdm(total=total, desc=desc, unit="ex", disable=not enabled)
 
 
 @torch.no_grad()
@@ -117,8 +116,7 @@ def answer_log_likelihoods(
     """
     results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
-    bar = _progress(len(encoded), progress, desc)
-    try:
+    with _progress(len(encoded), progress, desc) as bar:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             batch = collate([encoded[i] for i in rows], pad_id)
@@ -133,11 +131,7 @@ def answer_log_likelihoods(
             counts = mask.sum(dim=1)
             for j, i in enumerate(rows):
                 results[i] = (float(sums[j]), int(counts[j]))
-            if bar is not None:
-                bar.update(len(rows))
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update(len(rows))
     return results
 
 
@@ -211,19 +205,14 @@ def _predict_from_shared_prefix(
 ) -> list[int]:
     preds = [0] * len(shared)
     order = sorted(range(len(shared)), key=lambda i: len(shared[i][0]))
-    bar = _progress(len(shared), progress, "label words")
-    try:
+    with _progress(len(shared), progress, "label words") as bar:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             batch = collate([Encoded(shared[i][0], [IGNORE_INDEX] * len(shared[i][0])) for i in rows], pad_id)
             last = torch.log_softmax(logits_fn(batch["input_ids"], batch["pad_lengths"])[:, -1].float(), dim=-1)
             for j, i in enumerate(rows):
                 preds[i] = int(last[j, torch.tensor(shared[i][1])].argmax())
-            if bar is not None:
-                bar.update(len(rows))
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update(len(rows))
     return preds
 
 
