@@ -25,3 +25,12 @@ def test_sweep_on_the_tiny_model_writes_rows_table_and_plots(tmp_path):
 def test_pareto_keeps_the_points_nothing_beats_on_both_axes():
     points = [(0.9, 1.0), (0.5, 0.8), (0.6, 0.7), (0.1, 0.2), (0.1, 0.1)]
     assert pareto(points) == [0, 1, 3]
+
+
+def test_gradient_defence_is_refused_for_attacks_that_do_not_observe_gradients():
+    import pytest
+
+    from fedsplit.bench.privacy import attack_with_cost
+
+    with pytest.raises(ValueError, match="label attack only"):
+        attack_with_cost("vmi", None, spec="tiny-llama", n=2, grad_defense="gaussian:1")

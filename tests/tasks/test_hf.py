@@ -7,7 +7,7 @@ import pytest
 
 datasets = pytest.importorskip("datasets")
 
-from fedsplit.tasks import TaskError, load_task
+from fedsplit.tasks import TaskError, load_task  # noqa: E402 - after the importorskip
 
 N = 10
 

@@ -96,11 +96,20 @@ def utility(spec: str, head_layers: int, defense_spec: str | None, task: str = "
 
 def attack_with_cost(attack: str, defense: str | None, head_layers: int = 2, task: str = "sentiment",
                      n: int = 200, spec: str = "smollm2-135m", seed: int = 0, quick: bool = False,
-                     utility_n: int = 48) -> dict:
-    """`fedsplit attack`: the attack's scores plus the defence's utility cost (vs no defence)."""
+                     utility_n: int = 48, grad_defense: str | None = None) -> dict:
+    """`fedsplit attack`: the attack's scores plus the defence's utility cost (vs no defence).
+
+    ``grad_defense`` (label attack only) is the defence on the gradient the client sends; its cost
+    is reported as ``utility_grad_cosine``, the cosine of the sent gradient with the clean one.
+    """
+    if grad_defense not in (None, "none") and attack != "label":
+        raise ValueError("--grad-defense applies to the label attack only (the gradient is what it observes)")
     result = evaluate_attack(attack, spec=spec, head_layers=head_layers, defense_spec=defense, task=task, n=n,
-                             seed=seed, quick=quick)
+                             seed=seed, quick=quick,
+                             grad_defense_spec=None if grad_defense in (None, "none") else grad_defense)
     row = result.as_dict()
+    if attack == "label":
+        row.update({f"utility_{k}": v for k, v in gradient_utility(spec, grad_defense, task, seed=seed).items()})
     clean = utility(spec, head_layers, None, task, utility_n, seed)
     defended = utility(spec, head_layers, defense, task, utility_n, seed) if defense not in (None, "none") else clean
     for key in clean:

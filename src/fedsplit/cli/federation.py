@@ -77,6 +77,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         wire_dtype: str = typer.Option("fp16", help="fp32 | fp16 | bf16 | int8"),
         seed: int = typer.Option(0, help="seed for partition, data order and LoRA init"),
         eval_examples: int = typer.Option(200, help="test examples for the global model (0 = skip)"),
+        server_threads: int = typer.Option(0, help="compute threads of the server (0: one per core)"),
         out: Path = typer.Option(
             Path("runs/simulate"), help="report folder (report.json/.md, loss.png, global/)"
         ),
@@ -106,6 +107,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             wire_dtype=wire_dtype,
             seed=seed,
             eval_examples=eval_examples,
+            server_threads=server_threads,
             out=str(out),
         )
         try:
@@ -144,6 +146,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             "else 100; 0 = skip)",
         ),
         repeats: int = typer.Option(1, help="runs per mode and RTT, interleaved; medians are reported"),
+        server_threads: int = typer.Option(
+            0, help="compute threads of the server, every mode (0: one per core); clients use one each"
+        ),
         out: Path = typer.Option(Path("results/train-modes"), help="report folder"),
         json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures to this JSON file"),
     ) -> None:
@@ -170,6 +175,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             fedavg_every=every,
             bandwidth_mbps=bandwidth_mbps,
             eval_examples=0,
+            server_threads=server_threads,
         )
         cfg = TrainModesConfig(
             rtt_ms=_floats(rtt_ms, "--rtt-ms"),

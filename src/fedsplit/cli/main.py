@@ -274,12 +274,15 @@ def attack(
     seed: int = typer.Option(0, help="seed"),
     quick: bool = typer.Option(False, "--quick", help="fewer optimisation steps"),
     utility_examples: int = typer.Option(48, help="task examples for the defence's utility cost"),
+    grad_defense: Optional[str] = typer.Option(
+        None, help="label attack: defence on the gradient the client sends, e.g. gaussian:0.3:relative"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures here"),
 ) -> None:
     """What an honest-but-curious server recovers, and what the defence costs the task."""
     from ..bench.privacy import attack_with_cost
 
-    row = _open(attack_with_cost, attack_name, defense, head_layers, task, n, model, seed, quick, utility_examples)
+    row = _open(attack_with_cost, attack_name, defense, head_layers, task, n, model, seed, quick, utility_examples,
+                grad_defense)
     _report(row, json_out, f"fedsplit attack {attack_name}")
 
 
@@ -435,9 +438,17 @@ def serve(
     sync_every: int = typer.Option(0, help="server-hierarchical: average the body replicas every R steps"),
     fedavg_every: int = typer.Option(0, help="clients average their head/tail adapters every R steps (0 = never)"),
     round_timeout: float = typer.Option(30.0, help="seconds a round waits for missing clients before going on"),
+    threads: int = typer.Option(0, help="compute threads for the body (0: torch's default, one per core)"),
 ) -> None:
     """Run the body of a split model as a gRPC service (until SIGTERM / Ctrl-C)."""
     import asyncio
+
+    if threads < 0:
+        fail("--threads must be >= 0")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     from ..server.runner import build_servicer, serve_forever
     from ..server.service import ServerConfig

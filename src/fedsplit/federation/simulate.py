@@ -50,6 +50,10 @@ class SimulateConfig:
         default=10, metadata={"help": "FedAvg of head/tail adapters every R steps (0 = off)"}
     )
     round_timeout: float = field(default=60.0, metadata={"help": "seconds a round waits for missing clients"})
+    server_threads: int = field(
+        default=0,
+        metadata={"help": "compute threads of the server (0: one per core); every client computes with one"},
+    )
     rtt_ms: float = field(default=0.0, metadata={"help": "round-trip time added by the shaping proxy"})
     bandwidth_mbps: float = field(default=0.0, metadata={"help": "per-client bandwidth cap (0 = none)"})
     wire_dtype: str = field(default="fp16", metadata={"help": "fp32 | fp16 | bf16 | int8"})
@@ -118,15 +122,20 @@ class SimulateConfig:
             str(self.round_timeout),
             "--memory-budget",
             "1024GiB",
+            "--threads",
+            str(self.server_threads or os.cpu_count() or 1),
         ]
 
 
 @contextlib.contextmanager
 def one_thread_per_process():
-    """Child processes started inside get one compute thread each.
+    """Child processes started inside get one compute thread each (unless they set their own).
 
     Every party shares the machine's cores; several multi-threaded processes on the same
     cores make OpenMP threads spin-wait for each other, which costs far more than it gains.
+    The server is the exception (``--threads``, :attr:`SimulateConfig.server_threads`): its
+    body is most of the compute, and in the rounds of client-batch (and whenever clients
+    wait for it) it is the only party computing.
     """
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
