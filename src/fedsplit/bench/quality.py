@@ -12,6 +12,7 @@ from .procs import server_process
 
 log = logging.getLogger(__name__)
 
+HEADLINE = ("accuracy", "rougeL", "f1", "perplexity")  # the metric the comparison is made on, by task kind
 DEFAULT_NOISE = 0.02  # relative to each token's RMS (the demo's and the paper's order of magnitude)
 
 
@@ -40,7 +41,8 @@ def run(model: str = "smollm2-135m", task: str = "sentiment", steps: int = 100, 
             summary = run_training(cfg)
             rows[name] = {**summary["after"], "train_seconds": summary["train_seconds"],
                           "final_loss": summary["history"][-1]["loss"]}
-    metric = next(k for k in rows["centralized"] if k not in ("train_seconds", "final_loss"))
+    metrics = [k for k in rows["centralized"] if k not in ("train_seconds", "final_loss")]
+    metric = next((k for k in HEADLINE if k in metrics), metrics[0])
     flat = {"model": model, "task": task, "steps": steps, "batch_size": batch_size, "seed": seed, "metric": metric,
             "noise": noise, "eval_examples": eval_examples, "head_layers": head_layers, "tail_layers": tail_layers,
             "wire_dtype": wire_dtype}
@@ -48,6 +50,7 @@ def run(model: str = "smollm2-135m", task: str = "sentiment", steps: int = 100, 
         key = name.replace("+", "_")
         flat[f"{key}_{metric}"] = row[metric]
         flat[f"{key}_seconds"] = row["train_seconds"]
+        flat.update({f"{key}_{m}": row[m] for m in metrics if m != metric})  # e.g. ROUGE-1/2 beside ROUGE-L
     flat["split_minus_centralized"] = flat[f"split_{metric}"] - flat[f"centralized_{metric}"]
     flat["split_noise_minus_centralized"] = flat[f"split_noise_{metric}"] - flat[f"centralized_{metric}"]
     if out:
