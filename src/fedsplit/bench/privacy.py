@@ -105,8 +105,7 @@ def attack_with_cost(attack: str, defense: str | None, head_layers: int = 2, tas
     if grad_defense not in (None, "none") and attack != "label":
         raise ValueError("--grad-defense applies to the label attack only (the gradient is what it observes)")
     result = evaluate_attack(attack, spec=spec, head_layers=head_layers, defense_spec=defense, task=task, n=n,
-                             seed=seed, quick=quick,
-                             grad_defense_spec=None if grad_defense in (None, "none") else grad_defense)
+                             seed=seed, quick=quick, grad_defense_spec=grad_defense)
     row = result.as_dict()
     if attack == "label":
         row.update({f"utility_{k}": v for k, v in gradient_utility(spec, grad_defense, task, seed=seed).items()})
@@ -140,7 +139,7 @@ def gradient_utility(spec: str, grad_defense: str | None, task: str = "sentiment
     from ..privacy import parse_grad_defense
     from ..tasks import collate, encode_example, pad_id_of
 
-    defense = parse_grad_defense(None if grad_defense in (None, "none") else grad_defense)
+    defense = parse_grad_defense(grad_defense)
     if defense is None:
         return {"grad_cosine": 1.0}
     tokenizer = load_tokenizer(spec)
@@ -178,19 +177,18 @@ def sweep(quick: bool = True, spec: str = "smollm2-135m", task: str = "sentiment
     bar = tqdm(jobs, desc="privacy sweep", unit="run", disable=not progress)
     for attack, p, defense in bar:
         bar.set_postfix_str(f"{attack} p={p} {defense}")
-        spec_or_none = None if defense == "none" else defense
         if attack == "label":
             key = ("grad", defense)
             if key not in utilities:
                 utilities[key] = gradient_utility(spec, defense, task, seed=seed)
             result = evaluate_attack("label", spec=spec, head_layers=p, task=task, n=grid["label_n"], seed=seed,
-                                     grad_defense_spec=spec_or_none, progress=False)
+                                     grad_defense_spec=defense, progress=False)
         else:
             key = (p, defense)
             if key not in utilities:
-                utilities[key] = utility(spec, p, spec_or_none, task, grid["utility_n"], seed)
+                utilities[key] = utility(spec, p, defense, task, grid["utility_n"], seed)
             result = evaluate_attack(attack, spec=spec, head_layers=p, task=task, n=grid["n"], seed=seed,
-                                     defense_spec=spec_or_none, quick=grid["quick"], progress=False)
+                                     defense_spec=defense, quick=grid["quick"], progress=False)
         row = {**result.as_dict(), "defense": defense, "head_layers": p,
                **{f"utility_{k}": v for k, v in utilities[key].items()}}
         rows.append(row)

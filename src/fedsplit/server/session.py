@@ -83,6 +83,7 @@ class BodySession:
         self.last_used = time.monotonic()
         self.adapter = config.adapter
         self.optimizer = None
+        self._adapter_params: list[torch.nn.Parameter] = []  # a train session's body LoRA weights
         self.steps = 0  # optimiser steps applied to this session's adapter (restored with a run)
         self.run_id = config.run_id  # a named training run (fedsplit.server.checkpoint)
         if config.mode == "train":
@@ -91,7 +92,7 @@ class BodySession:
                 pool.create(self.adapter, config.lora or LoraSettings(), config.seed)
             elif self.adapter not in pool.settings:
                 pool.create(self.adapter, config.lora or LoraSettings(), config.seed)
-            params = pool.parameters(self.adapter)
+            params = self._adapter_params = pool.parameters(self.adapter)
             # An empty body span has nothing to train; steps are then no-ops.
             self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True) if params else None
 
@@ -160,9 +161,7 @@ class BodySession:
         return outputs.detach()
 
     def _adapter_versions(self) -> tuple[int, ...]:
-        if self.adapter is None:
-            return ()
-        return tuple(p._version for p in self.pool.parameters(self.adapter))
+        return tuple(p._version for p in self._adapter_params)
 
     def backward(self, step_id: int, grad: torch.Tensor) -> torch.Tensor:
         """Backprop the client's gradient w.r.t. the body output; return the gradient w.r.t. the input."""
