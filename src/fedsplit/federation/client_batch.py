@@ -1,11 +1,7 @@
 """``client-batch`` training: one body forward, one backward and one optimiser step per round.
 
 The forwards of the clients in a round (every attached client, or those that arrived
-within the round timeout) are concatenated into one batch. Clients send sequences of
-different lengths; since every row is left-padded, a shorter client's rows just get more
-left padding (``pad_lengths`` grows by the difference), which the mask rule already
-excludes, so each row sees exactly the keys it would see alone. The output is cut back
-into each client's slice.
+within the round timeout) are concatenated into one batch (:mod:`.joint`).
 
 The gradients of the round are gathered the same way and run as one backward. Each
 client's loss is a mean over its own target tokens; to give the body the update of *one*
@@ -19,40 +15,15 @@ in any other mode. A client whose gradient does not arrive in time contributes n
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..server.session import BodySession, SessionError
+from .joint import Round, joint_backward, joint_forward
 from .modes import SHARED_ADAPTER, SharedAdapter
 from .rounds import Gather
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Slot:
-    """One client's part of a round: its rows and length inside the joint batch."""
-
-    session: BodySession
-    step_id: int
-    rows: slice
-    length: int
-
-
-@dataclass
-class Round:
-    """A joint forward awaiting its backward, then its optimiser step."""
-
-    number: int
-    span: tuple[int, int]
-    inputs: torch.Tensor | None
-    outputs: torch.Tensor | None
-    slots: dict[str, _Slot]
-    contributed: set[str] = field(default_factory=set)
-    backwards: Gather | None = None
-    steps: Gather | None = None
 
 
 class ClientBatch(SharedAdapter):
@@ -139,22 +110,11 @@ class ClientBatch(SharedAdapter):
         return results
 
     def _joint_forward(self, number: int, span: tuple[int, int], members: dict):
-        longest = max(item[2].shape[1] for item in members.values())
-        hidden, pad, slots, row = [], [], {}, 0
-        for sid, (session, step_id, h, p) in members.items():
-            extra = longest - h.shape[1]
-            hidden.append(F.pad(h, (0, 0, extra, 0)))
-            pad.append(p.to(torch.long) + extra)
-            slots[sid] = _Slot(session, step_id, slice(row, row + h.shape[0]), h.shape[1])
-            row += h.shape[0]
-        inputs = torch.cat(hidden).detach().requires_grad_()
-        self.servicer.pool.activate(SHARED_ADAPTER)
-        outputs = self.servicer.body(inputs, torch.cat(pad), None, 0, span=span)
-        self.rows += row
-        out = outputs.detach()
-        results = {sid: out[s.rows, longest - s.length :] for sid, s in slots.items()}
-        log.debug("client-batch round %d: %d client(s), %d rows, %d tokens", number, len(slots), row, longest)
-        return Round(number, span, inputs, outputs, slots), results
+        rnd, results = joint_forward(self.servicer, number, span, members, SHARED_ADAPTER)
+        rows = sum(s.rows.stop - s.rows.start for s in rnd.slots.values())
+        self.rows += rows
+        log.debug("client-batch round %d: %d client(s), %d rows", number, len(members), rows)
+        return rnd, results
 
     def _members(self, rnd: Round, among) -> set[str]:
         return {sid for sid in among if sid in self.attached and self.by_session.get(sid) is rnd}
@@ -201,24 +161,11 @@ class ClientBatch(SharedAdapter):
             self._open.pop(rnd.number, None)
             raise
 
-    def _joint_backward(self, rnd: Round, items: dict) -> dict:
+    @staticmethod
+    def _joint_backward(rnd: Round, items: dict) -> dict:
         total = sum(w for _, w in items.values())
-        full = torch.zeros_like(rnd.outputs)
-        shares = {}
-        for sid, (grad, weight) in items.items():
-            slot = rnd.slots[sid]
-            share = weight / total if total > 0 else 1.0 / len(items)
-            shares[sid] = share
-            full[slot.rows, full.shape[1] - slot.length :] = grad.to(full.dtype) * share
-        rnd.outputs.backward(full)
-        grad_in = rnd.inputs.grad
-        rnd.inputs = rnd.outputs = None  # free the graph
-        results = {}
-        for sid, share in shares.items():
-            slot = rnd.slots[sid]
-            part = grad_in[slot.rows, grad_in.shape[1] - slot.length :]
-            results[sid] = part / share if share > 0 else torch.zeros_like(part)
-        return results
+        shares = {sid: w / total if total > 0 else 1.0 / len(items) for sid, (_, w) in items.items()}
+        return joint_backward(rnd, {sid: (grad, shares[sid]) for sid, (grad, _) in items.items()})
 
     # ------------------------------------------------------------------ optimiser step
 

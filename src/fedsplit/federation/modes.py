@@ -13,7 +13,8 @@
 ``server-hierarchical``
     One body replica per client on the shared frozen base weights; clients proceed
     independently and concurrently; every ``sync_every`` steps the server averages the
-    replicas (FedAvg weighted by the examples each trained on since the last sync).
+    replicas (FedAvg weighted by the examples each trained on since the last sync)
+    (:mod:`fedsplit.federation.hierarchical`).
 
 In every mode the server also runs head/tail FedAvg rounds (the ``Adapters`` RPC); it
 tells clients how often to join them in ``InfoReply.fedavg_every``.
@@ -33,8 +34,7 @@ import torch
 
 from ..server.session import BodySession, SessionConfig
 from ..wire import fedsplit_pb2 as pb
-from .fedavg import restrict, weighted_average
-from .rounds import Gather, HeadTailRounds
+from .rounds import HeadTailRounds
 
 log = logging.getLogger(__name__)
 
@@ -271,94 +271,6 @@ class Sequential(SharedAdapter):
             self.turn.release(session.id)
 
 
-class ServerHierarchical(Coordinator):
-    """``server-hierarchical``: a body replica per client, FedAvg of the replicas every ``sync_every`` steps."""
-
-    mode = "server-hierarchical"
-
-    def __init__(self, servicer) -> None:
-        super().__init__(servicer)
-        if self.sync_every and not self.fedavg_every:
-            self.fedavg_every = self.sync_every  # heads and tails are averaged at the same rounds
-        self.local_steps: dict[str, int] = {}
-        self.examples: dict[str, int] = {}
-        self.barriers: dict[int, Gather] = {}
-        self.last_round = 0
-        self.syncs = 0
-
-    def poke(self) -> None:
-        super().poke()
-        for gather in list(self.barriers.values()):
-            gather.poke()
-
-    def detach(self, session: BodySession) -> None:
-        super().detach(session)
-        self.local_steps.pop(session.id, None)
-        self.examples.pop(session.id, None)
-
-    def reset(self) -> None:
-        super().reset()
-        self.barriers.clear()
-        self.local_steps.clear()
-        self.examples.clear()
-        self.last_round = 0
-
-    async def forward(self, session, step_id, hidden, pad, offset):
-        out = await super().forward(session, step_id, hidden, pad, offset)
-        self.examples[session.id] = self.examples.get(session.id, 0) + int(hidden.shape[0])
-        return out
-
-    async def step(self, session, clip):
-        await super().step(session, clip)
-        if not self.sync_every or session.id not in self.attached:
-            return
-        n = self.local_steps[session.id] = self.local_steps.get(session.id, 0) + 1
-        if n % self.sync_every == 0:
-            await self._sync(session, n // self.sync_every)
-
-    async def _sync(self, session: BodySession, rnd: int) -> None:
-        if rnd <= self.last_round:
-            log.warning(
-                "body sync round %d already closed; %s continues with its own replica", rnd, session.id
-            )
-            return
-        gather = self.barriers.get(rnd)
-        if gather is None:
-            gather = self.barriers[rnd] = Gather(
-                f"body sync round {rnd}",
-                self.timeout,
-                lambda: set(self.attached),
-                lambda items, r=rnd: self._average(r, items),
-            )
-        await gather.submit(session.id, session)
-
-    async def _average(self, rnd: int, members: dict[str, BodySession]) -> dict:
-        self.barriers.pop(rnd, None)
-        self.last_round = max(self.last_round, rnd)
-        weights = {sid: self.examples.get(sid, 0) for sid in members}
-        await self.servicer._run(
-            average_replicas, self.servicer.pool, list(members.values()), list(weights.values())
-        )
-        for sid in members:
-            self.examples[sid] = 0
-        self.syncs += 1
-        log.info(
-            "body sync round %d: averaged %d replica(s), %d examples",
-            rnd,
-            len(members),
-            sum(weights.values()),
-        )
-        return {sid: None for sid in members}
-
-
-def average_replicas(pool, sessions: list[BodySession], weights: list[float]) -> None:
-    """FedAvg of the sessions' body adapters, each layer over the replicas whose span trains it."""
-    states = [restrict(pool.state_dict(s.adapter), s.config.span) for s in sessions]
-    mean = weighted_average(states, weights)
-    for session in sessions:
-        pool.load_state_dict(session.adapter, mean)
-
-
 def make_coordinator(servicer) -> Coordinator:
     """The coordinator for ``servicer.config.mode``."""
     mode = check_mode(getattr(servicer.config, "mode", "independent"))
@@ -369,5 +281,7 @@ def make_coordinator(servicer) -> Coordinator:
 
         return ClientBatch(servicer)
     if mode == "server-hierarchical":
+        from .hierarchical import ServerHierarchical
+
         return ServerHierarchical(servicer)
     return Coordinator(servicer)

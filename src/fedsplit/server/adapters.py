@@ -2,11 +2,14 @@
 
 peft keeps several adapters side by side on the same frozen base layers; only the
 active ones take part in a forward. Body compute is serialised on one worker, so
-switching the active adapter before each call is safe.
+switching the active adapter before each call is safe. :meth:`AdapterPool.rows` runs one
+forward in which each batch row goes through its own adapter (server-hierarchical
+training batches its replicas' forwards that way).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -75,6 +78,29 @@ class AdapterPool:
             if name is not None:
                 layer._active_adapter = [name]
         self._active = name
+
+    @contextlib.contextmanager
+    def rows(self, names: list[str]):
+        """Forwards inside the block send batch row ``i`` through adapter ``names[i]``.
+
+        Uses peft's mixed-batch path (the ``adapter_names`` argument of a LoRA layer), which
+        is differentiable: each adapter's weights get the gradient of its own rows only.
+        The decoder layers call their projections without that argument, so a pre-hook on
+        every LoRA layer adds it.
+        """
+        def add_names(module, args, kwargs):
+            return args, {**kwargs, "adapter_names": names}
+
+        layers = self._tuner_layers()
+        handles = [layer.register_forward_pre_hook(add_names, with_kwargs=True) for layer in layers]
+        for layer in layers:
+            layer._disable_adapters = False
+        self._active = _STALE
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter weights keyed like a saved peft adapter (``layers.<i>...lora_A.weight``)."""

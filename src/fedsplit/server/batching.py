@@ -82,19 +82,24 @@ def run_batch(items) -> list[torch.Tensor | Exception]:
     return results
 
 
-class DecodeBatcher:
-    """Collects decode steps while the worker is busy; runs them as one batch when it frees up."""
+class WorkerBatcher:
+    """Collects requests while the body worker is busy; hands them to ``run`` together when it frees up.
 
-    def __init__(self, executor) -> None:
-        self.executor = executor
+    ``run(items)`` runs on the worker and returns one result per item (an exception is
+    raised in that item's ``submit`` only). A request that finds the worker idle runs at
+    once, alone: nobody waits for a batch to fill.
+    """
+
+    def __init__(self, executor, run) -> None:
+        self.executor, self.run = executor, run
         self.pending: list = []
         self._runner: asyncio.Task | None = None
         self.batches = 0
         self.rows = 0
 
-    async def submit(self, session, hidden, pad, offset) -> torch.Tensor:
+    async def submit(self, *item):
         future = asyncio.get_running_loop().create_future()
-        self.pending.append(((session, hidden, pad, offset), future))
+        self.pending.append((item, future))
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._drain())
         return await future
@@ -107,8 +112,9 @@ class DecodeBatcher:
             self.batches += 1
             self.rows += len(items)
             try:
-                results = await loop.run_in_executor(self.executor, run_batch, items)
-            except Exception as exc:  # pragma: no cover - run_batch reports per item
+                results = await loop.run_in_executor(self.executor, self.run, items)
+            except Exception as exc:  # noqa: BLE001 - a failure of the whole batch reaches every item
+                log.exception("batched body call failed")
                 results = [exc] * len(items)
             for (_, future), result in zip(batch, results):
                 if future.done():
@@ -117,3 +123,10 @@ class DecodeBatcher:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+
+class DecodeBatcher(WorkerBatcher):
+    """Continuous batching of decode steps: ``submit(session, hidden, pad, offset)``."""
+
+    def __init__(self, executor) -> None:
+        super().__init__(executor, run_batch)

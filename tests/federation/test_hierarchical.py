@@ -1,0 +1,97 @@
+"""server-hierarchical: forwards queued while the worker is busy run as one pass of many replicas."""
+
+import asyncio
+import threading
+
+import torch
+from federation_helpers import open_train, ragged, run
+
+CLIENTS = [ragged(2, 5, 1), ragged(3, 9, 2), ragged(1, 7, 3)]  # ragged lengths: 5, 9 and 7 tokens
+SEEDS = [3, 4, 5]  # a different replica per client
+
+
+def _grads(seed=9):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(h.shape, generator=gen) for h, _ in CLIENTS]
+
+
+async def _queued_forwards(servicer, sessions):
+    """Forwards sent while the body worker is busy, so they queue and run together."""
+    gate = threading.Event()
+    servicer.executor.submit(gate.wait, 10)
+    tasks = [
+        asyncio.create_task(servicer.coordinator.forward(s, 1, h, p, 0)) for s, (h, p) in zip(sessions, CLIENTS)
+    ]
+    await asyncio.sleep(0.2)
+    gate.set()
+    return await asyncio.gather(*tasks)
+
+
+def test_queued_replica_forwards_run_as_one_pass_and_train_each_replica_as_if_alone(make_servicer):
+    servicer = make_servicer("server-hierarchical", round_timeout=10)
+    coord = servicer.coordinator
+    sessions = [open_train(servicer, seed=seed, owner=f"c{i}") for i, seed in enumerate(SEEDS)]
+    grads = _grads()
+
+    async def train_step():
+        outs = await _queued_forwards(servicer, sessions)
+        grad_ins = await asyncio.gather(*(coord.backward(s, 1, g) for s, g in zip(sessions, grads)))
+        await asyncio.gather(*(coord.step(s, 0.0) for s in sessions))
+        return outs, grad_ins
+
+    outs, grad_ins = run(train_step())
+    assert coord.passes == 1 and coord.joint_rows == 6  # one body pass for the three replicas
+
+    for i, ((hidden, pad), seed) in enumerate(zip(CLIENTS, SEEDS)):
+        alone = make_servicer("independent")
+        solo = open_train(alone, seed=seed, owner="solo")
+        want_out = solo.forward(1, hidden, pad, 0)
+        want_grad_in = solo.backward(1, grads[i])
+        solo.step()
+        real = torch.arange(hidden.shape[1])[None] >= pad[:, None]
+        assert torch.allclose(outs[i][real], want_out[real], atol=1e-5)
+        assert torch.allclose(grad_ins[i][real], want_grad_in[real], rtol=1e-4, atol=1e-6)
+        want, got = alone.pool.state_dict(solo.adapter), servicer.pool.state_dict(sessions[i].adapter)
+        assert any(not torch.equal(v, servicer.pool.state_dict(sessions[i - 1].adapter)[k]) for k, v in got.items())
+        for key in want:
+            assert torch.allclose(got[key], want[key], atol=1e-6), key
+
+
+def test_a_replica_pass_goes_ahead_without_a_client_that_left(make_servicer, caplog):
+    servicer = make_servicer("server-hierarchical", round_timeout=30)
+    coord = servicer.coordinator
+    sessions = [open_train(servicer, seed=seed, owner=f"c{i}") for i, seed in enumerate(SEEDS)]
+    grads = _grads()
+
+    async def scenario():
+        outs = await _queued_forwards(servicer, sessions)
+        coord.detach(sessions[2])  # its stream broke before it sent its gradient
+        started = asyncio.get_running_loop().time()
+        grad_ins = await asyncio.gather(*(coord.backward(s, 1, g) for s, g in zip(sessions[:2], grads)))
+        return outs, grad_ins, asyncio.get_running_loop().time() - started
+
+    with caplog.at_level("WARNING"):
+        outs, grad_ins, waited = run(scenario())
+    assert waited < 5  # not the 30 s round timeout
+    assert "left before its backward" in caplog.text
+    assert [g.shape for g in grad_ins] == [h.shape for h, _ in CLIENTS[:2]]
+    assert all(p.grad is None or not p.grad.any() for p in servicer.pool.parameters(sessions[2].adapter))  # no update
+    assert any(p.grad is not None and p.grad.any() for p in servicer.pool.parameters(sessions[0].adapter))
+
+
+def test_a_second_forward_before_the_step_is_refused(make_servicer):
+    import pytest
+
+    from fedsplit.server.session import SessionError
+
+    servicer = make_servicer("server-hierarchical", round_timeout=10)
+    sessions = [open_train(servicer, seed=seed, owner=f"c{i}") for i, seed in enumerate(SEEDS)]
+
+    async def scenario():
+        await _queued_forwards(servicer, sessions)
+        hidden, pad = CLIENTS[0]
+        with pytest.raises(SessionError) as err:
+            await servicer.coordinator.forward(sessions[0], 2, hidden, pad, 0)
+        assert err.value.code == "FAILED_PRECONDITION"
+
+    run(scenario())
