@@ -3,46 +3,49 @@
 import asyncio
 import threading
 
+import pytest
 import torch
 from federation_helpers import open_train, ragged, run
 
 CLIENTS = [ragged(2, 5, 1), ragged(3, 9, 2), ragged(1, 7, 3)]  # ragged lengths: 5, 9 and 7 tokens
+EVEN = [ragged(2, 5, 1), ragged(2, 9, 2), ragged(2, 7, 3)]  # as many rows each: the stacked-matmul path
 SEEDS = [3, 4, 5]  # a different replica per client
 
 
-def _grads(seed=9):
+def _grads(clients=CLIENTS, seed=9):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(h.shape, generator=gen) for h, _ in CLIENTS]
+    return [torch.randn(h.shape, generator=gen) for h, _ in clients]
 
 
-async def _queued_forwards(servicer, sessions):
+async def _queued_forwards(servicer, sessions, clients=CLIENTS):
     """Forwards sent while the body worker is busy, so they queue and run together."""
     gate = threading.Event()
     servicer.executor.submit(gate.wait, 10)
     tasks = [
-        asyncio.create_task(servicer.coordinator.forward(s, 1, h, p, 0)) for s, (h, p) in zip(sessions, CLIENTS)
+        asyncio.create_task(servicer.coordinator.forward(s, 1, h, p, 0)) for s, (h, p) in zip(sessions, clients)
     ]
     await asyncio.sleep(0.2)
     gate.set()
     return await asyncio.gather(*tasks)
 
 
-def test_queued_replica_forwards_run_as_one_pass_and_train_each_replica_as_if_alone(make_servicer):
+@pytest.mark.parametrize("clients", [CLIENTS, EVEN], ids=["ragged-rows", "even-rows"])
+def test_queued_replica_forwards_run_as_one_pass_and_train_each_replica_as_if_alone(make_servicer, clients):
     servicer = make_servicer("server-hierarchical", round_timeout=10)
     coord = servicer.coordinator
     sessions = [open_train(servicer, seed=seed, owner=f"c{i}") for i, seed in enumerate(SEEDS)]
-    grads = _grads()
+    grads = _grads(clients)
 
     async def train_step():
-        outs = await _queued_forwards(servicer, sessions)
+        outs = await _queued_forwards(servicer, sessions, clients)
         grad_ins = await asyncio.gather(*(coord.backward(s, 1, g) for s, g in zip(sessions, grads)))
         await asyncio.gather(*(coord.step(s, 0.0) for s in sessions))
         return outs, grad_ins
 
     outs, grad_ins = run(train_step())
-    assert coord.passes == 1 and coord.joint_rows == 6  # one body pass for the three replicas
+    assert coord.passes == 1 and coord.joint_rows == sum(h.shape[0] for h, _ in clients)  # one pass, 3 replicas
 
-    for i, ((hidden, pad), seed) in enumerate(zip(CLIENTS, SEEDS)):
+    for i, ((hidden, pad), seed) in enumerate(zip(clients, SEEDS)):
         alone = make_servicer("independent")
         solo = open_train(alone, seed=seed, owner="solo")
         want_out = solo.forward(1, hidden, pad, 0)
@@ -80,8 +83,6 @@ def test_a_replica_pass_goes_ahead_without_a_client_that_left(make_servicer, cap
 
 
 def test_a_second_forward_before_the_step_is_refused(make_servicer):
-    import pytest
-
     from fedsplit.server.session import SessionError
 
     servicer = make_servicer("server-hierarchical", round_timeout=10)
@@ -95,3 +96,23 @@ def test_a_second_forward_before_the_step_is_refused(make_servicer):
         assert err.value.code == "FAILED_PRECONDITION"
 
     run(scenario())
+
+
+def test_a_pass_waits_briefly_for_the_clients_about_to_send_a_forward(make_servicer):
+    servicer = make_servicer("server-hierarchical", round_timeout=10, gather_ms=3000)
+    coord = servicer.coordinator
+    a, b = (open_train(servicer, seed=seed, owner=o) for seed, o in zip(SEEDS, "ab"))
+    (ha, pa), (hb, pb) = CLIENTS[:2]
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = asyncio.create_task(coord.forward(a, 1, ha, pa, 0))
+        await asyncio.sleep(0.3)  # b is still computing its head
+        await coord.forward(b, 1, hb, pb, 0)
+        await first
+        return loop.time() - started
+
+    waited = run(scenario())
+    assert coord.passes == 1 and coord.alone == 0  # a's forward waited for b's and both ran in one pass
+    assert waited < 2.5  # not the whole 3 s: the pass ran as soon as b's forward arrived

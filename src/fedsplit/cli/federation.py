@@ -83,6 +83,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         ),
         fedavg_every: int = typer.Option(10, help="FedAvg of head/tail adapters every R steps (0 = off)"),
         round_timeout: float = typer.Option(60.0, help="seconds a round waits for missing clients"),
+        gather_ms: float = typer.Option(
+            250.0, help="server-hierarchical: how long a body pass waits for clients about to send a forward"
+        ),
         rtt_ms: float = typer.Option(0.0, help="round-trip time added by a shaping proxy on loopback"),
         bandwidth_mbps: float = typer.Option(0.0, help="per-client bandwidth cap of the proxy (0 = none)"),
         wire_dtype: str = typer.Option("fp16", help="fp32 | fp16 | bf16 | int8"),
@@ -113,6 +116,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             sync_every=sync_every,
             fedavg_every=fedavg_every,
             round_timeout=round_timeout,
+            gather_ms=gather_ms,
             rtt_ms=rtt_ms,
             bandwidth_mbps=bandwidth_mbps,
             wire_dtype=wire_dtype,

@@ -438,6 +438,8 @@ def serve(
     sync_every: int = typer.Option(0, help="server-hierarchical: average the body replicas every R steps"),
     fedavg_every: int = typer.Option(0, help="clients average their head/tail adapters every R steps (0 = never)"),
     round_timeout: float = typer.Option(30.0, help="seconds a round waits for missing clients before going on"),
+    gather_ms: float = typer.Option(250.0, help="server-hierarchical: how long a body pass waits for the forwards "
+                                    "of clients about to send one, to run them together (0 = never wait)"),
     threads: int = typer.Option(0, help="compute threads for the body (0: torch's default, one per core)"),
 ) -> None:
     """Run the body of a split model as a gRPC service (until SIGTERM / Ctrl-C)."""
@@ -445,6 +447,8 @@ def serve(
 
     if threads < 0:
         fail("--threads must be >= 0")
+    if gather_ms < 0:
+        fail("--gather-ms must be >= 0")
     if threads:
         import torch
 
@@ -460,7 +464,7 @@ def serve(
         session_ttl=session_ttl, graph_ttl=graph_ttl, max_graphs=max_graphs,
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, checkpoint_every=checkpoint_every,
         checkpoint_keep=checkpoint_keep, mode=mode, sync_every=sync_every, fedavg_every=fedavg_every,
-        round_timeout=round_timeout,
+        round_timeout=round_timeout, gather_ms=gather_ms,
     )
     servicer = _open(build_servicer, config, str(tokens) if tokens else None)
     asyncio.run(serve_forever(servicer, config, str(tls_cert) if tls_cert else None,

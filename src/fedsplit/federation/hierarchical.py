@@ -4,11 +4,14 @@ Every client trains its own LoRA replica of the body on the shared frozen base w
 proceeds at its own pace; no client waits for another except at a sync. The body worker
 still batches: the forwards that queue while it is busy run as *one* pass in which each
 client's rows go through that client's replica (:meth:`AdapterPool.rows`), so eight
-replicas cost about one batched body forward, not eight small ones. The pass's backward
-runs once the gradients of its clients are in (or after the round timeout, without a
-silent one); each replica receives the gradient of its own rows only, exactly what it
-would get alone. A forward that finds the worker idle runs at once, alone, on the
-session's own graph. Optimiser steps stay per replica.
+replicas cost about one batched body forward, not eight small ones (on a CPU a pass reads
+every weight once, whatever the batch). A forward that finds the worker idle waits up to
+``gather_ms`` for the clients that are about to send one (those that finished their last
+step and have not sent their next forward yet), then the pass runs with whoever is there;
+0 runs it at once. A client alone in its pass uses the session's own graph. The pass's
+backward runs once the gradients of its clients are in (or after the round timeout,
+without a silent one); each replica receives the gradient of its own rows only, exactly
+what it would get alone. Optimiser steps stay per replica.
 
 Every ``sync_every`` local steps the clients meet at a barrier and the server writes the
 example-weighted average of their replicas into each of them (each layer averaged over
@@ -43,15 +46,28 @@ class ServerHierarchical(Coordinator):
         self.barriers: dict[int, Gather] = {}
         self.last_round = 0
         self.syncs = 0
-        self.forwards = WorkerBatcher(servicer.executor, self._forward_batch)
+        linger = float(getattr(servicer.config, "gather_ms", 0.0)) / 1000
+        self.forwards = WorkerBatcher(servicer.executor, self._forward_batch, linger, self._expected_forwards)
         self.passes = 0  # joint replica passes run
         self.joint_rows = 0
+        self.joint_clients = 0
+        self.alone = 0  # forwards that ran alone
+        self.between: set[str] = set()  # attached, done with their last step, next forward not sent yet
         self.queued: set[str] = set()  # sessions whose forward waits for the worker
         self.by_session: dict[str, Round] = {}  # in a joint pass awaiting its backward
         self._open: dict[int, Round] = {}
 
+    def attach(self, session: BodySession) -> None:
+        super().attach(session)
+        if session.id in self.attached:
+            self.between.add(session.id)
+
+    def _expected_forwards(self) -> int:
+        return len(self.forwards.pending) + len(self.between & set(self.attached))
+
     def poke(self) -> None:
         super().poke()
+        self.forwards.poke()
         for gather in list(self.barriers.values()):
             gather.poke()
         for rnd in list(self._open.values()):
@@ -66,6 +82,7 @@ class ServerHierarchical(Coordinator):
                 rnd.number,
                 session.id,
             )
+        self.between.discard(session.id)
         super().detach(session)
         self.local_steps.pop(session.id, None)
         self.examples.pop(session.id, None)
@@ -77,6 +94,7 @@ class ServerHierarchical(Coordinator):
         self.examples.clear()
         self.by_session.clear()
         self._open.clear()
+        self.between.clear()
         self.last_round = 0
 
     # ------------------------------------------------------------------ forward and backward
@@ -94,6 +112,7 @@ class ServerHierarchical(Coordinator):
                 "FAILED_PRECONDITION", "server-hierarchical: finish the pending step (backward, then optimizer step) first"
             )
         self.queued.add(session.id)
+        self.between.discard(session.id)
         try:
             rnd, out = await self.forwards.submit(session, step_id, hidden, pad)
         finally:
@@ -122,8 +141,10 @@ class ServerHierarchical(Coordinator):
                 if len(indices) == 1:
                     session, step_id, hidden, pad = items[indices[0]]
                     results[indices[0]] = (None, session.forward(step_id, hidden, pad, 0))
+                    self.alone += 1
                     continue
                 self.passes += 1
+                self.joint_clients += len(indices)
                 members = {items[i][0].id: items[i] for i in indices}
                 rnd, outs = joint_forward(self.servicer, self.passes, span, members, adapter=None)
                 self.joint_rows += sum(s.rows.stop - s.rows.start for s in rnd.slots.values())
@@ -157,12 +178,16 @@ class ServerHierarchical(Coordinator):
     # ------------------------------------------------------------------ optimiser step and sync
 
     async def step(self, session, clip):
-        await super().step(session, clip)
-        if not self.sync_every or session.id not in self.attached:
-            return
-        n = self.local_steps[session.id] = self.local_steps.get(session.id, 0) + 1
-        if n % self.sync_every == 0:
-            await self._sync(session, n // self.sync_every)
+        try:
+            await super().step(session, clip)
+            if not self.sync_every or session.id not in self.attached:
+                return
+            n = self.local_steps[session.id] = self.local_steps.get(session.id, 0) + 1
+            if n % self.sync_every == 0:
+                await self._sync(session, n // self.sync_every)
+        finally:
+            if session.id in self.attached:
+                self.between.add(session.id)  # its next forward comes soon
 
     async def _sync(self, session: BodySession, rnd: int) -> None:
         if rnd <= self.last_round:
@@ -191,10 +216,14 @@ class ServerHierarchical(Coordinator):
             self.examples[sid] = 0
         self.syncs += 1
         log.info(
-            "body sync round %d: averaged %d replica(s), %d examples",
+            "body sync round %d: averaged %d replica(s), %d examples; so far %d joint pass(es) of %.1f "
+            "clients on average, %d forward(s) alone",
             rnd,
             len(members),
             sum(weights.values()),
+            self.passes,
+            self.joint_clients / max(1, self.passes),
+            self.alone,
         )
         return {sid: None for sid in members}
 

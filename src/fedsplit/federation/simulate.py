@@ -50,6 +50,10 @@ class SimulateConfig:
         default=10, metadata={"help": "FedAvg of head/tail adapters every R steps (0 = off)"}
     )
     round_timeout: float = field(default=60.0, metadata={"help": "seconds a round waits for missing clients"})
+    gather_ms: float = field(
+        default=250.0,
+        metadata={"help": "server-hierarchical: how long a body pass waits for clients about to send a forward"},
+    )
     server_threads: int = field(
         default=0,
         metadata={"help": "compute threads of the server (0: one per core); every client computes with one"},
@@ -120,6 +124,8 @@ class SimulateConfig:
             str(fedavg),
             "--round-timeout",
             str(self.round_timeout),
+            "--gather-ms",
+            str(self.gather_ms),
             "--memory-budget",
             "1024GiB",
             "--threads",

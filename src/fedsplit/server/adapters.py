@@ -83,18 +83,29 @@ class AdapterPool:
     def rows(self, names: list[str]):
         """Forwards inside the block send batch row ``i`` through adapter ``names[i]``.
 
-        Uses peft's mixed-batch path (the ``adapter_names`` argument of a LoRA layer), which
-        is differentiable: each adapter's weights get the gradient of its own rows only.
-        The decoder layers call their projections without that argument, so a pre-hook on
-        every LoRA layer adds it.
+        Every LoRA layer runs its base weights on the whole batch (adapters disabled) and a
+        forward hook adds each adapter's low-rank update to its own rows. Rows of one adapter
+        must be contiguous. When every adapter has as many rows and the same rank (one replica
+        per client, equal batches) the updates of all adapters are two batched matmuls;
+        otherwise one small product per adapter. Differentiable: each adapter's weights get
+        the gradient of its own rows only.
         """
-        def add_names(module, args, kwargs):
-            return args, {**kwargs, "adapter_names": names}
+        groups: list[tuple[str, int, int]] = []
+        for i, name in enumerate(names):
+            if groups and groups[-1][0] == name and groups[-1][2] == i:
+                groups[-1] = (name, groups[-1][1], i + 1)
+            elif any(g[0] == name for g in groups):
+                raise ValueError(f"the rows of adapter {name!r} are not contiguous")
+            else:
+                groups.append((name, i, i + 1))
+
+        def add_updates(layer, args, output):
+            return output + _low_rank_updates(layer, args[0], groups, output)
 
         layers = self._tuner_layers()
-        handles = [layer.register_forward_pre_hook(add_names, with_kwargs=True) for layer in layers]
+        handles = [layer.register_forward_hook(add_updates) for layer in layers]
         for layer in layers:
-            layer._disable_adapters = False
+            layer._disable_adapters = True
         self._active = _STALE
         try:
             yield
@@ -137,3 +148,29 @@ class AdapterPool:
                     layer.delete_adapter(name)
             self.settings.pop(name, None)
             self._layers, self._active = None, _STALE
+
+
+def _low_rank_updates(layer, x: torch.Tensor, groups: list[tuple[str, int, int]], like: torch.Tensor) -> torch.Tensor:
+    """``scaling * B(A(x))`` of each group's adapter on the group's rows of ``x`` (zeros where it has none)."""
+    sizes = {stop - start for _, start, stop in groups}
+    names = [name for name, _, _ in groups]
+    batched = (
+        len(sizes) == 1
+        and all(n in layer.lora_A for n in names)
+        and len({layer.r[n] for n in names}) == 1
+        and all(isinstance(layer.lora_dropout[n], nn.Identity) for n in names)
+    )
+    if batched:  # [adapters, rows * tokens, features] through stacked A and B
+        a = torch.stack([layer.lora_A[n].weight for n in names])
+        b = torch.stack([layer.lora_B[n].weight for n in names])
+        scale = torch.tensor([float(layer.scaling[n]) for n in names], dtype=x.dtype).view(-1, 1, 1)
+        low = torch.bmm(x.reshape(len(names), -1, x.shape[-1]), a.transpose(1, 2)) * scale
+        return torch.bmm(low, b.transpose(1, 2)).reshape(like.shape)
+    parts = []
+    for name, start, stop in groups:
+        if name in layer.lora_A:
+            part = layer.lora_A[name](layer.lora_dropout[name](x[start:stop]))
+            parts.append(layer.lora_B[name](part) * layer.scaling[name])
+        else:
+            parts.append(torch.zeros_like(like[start:stop]))
+    return torch.cat(parts)

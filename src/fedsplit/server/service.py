@@ -57,6 +57,8 @@ class ServerConfig:
     fedavg_every: int = field(default=0, metadata={"help": "clients average their head/tail adapters every R "
                                                    "steps (0 = never; server-hierarchical: sync_every)"})
     round_timeout: float = field(default=30.0, metadata={"help": "seconds a round waits for missing clients"})
+    gather_ms: float = field(default=250.0, metadata={"help": "server-hierarchical: how long a body pass waits "
+                                                      "for the forwards of clients about to send one (0 = none)"})
 
 
 async def _parsed(request_iterator, context):
