@@ -6,9 +6,8 @@ still batches: the forwards that queue while it is busy run as *one* pass in whi
 client's rows go through that client's replica (:meth:`AdapterPool.rows`), so eight
 replicas cost about one batched body forward, not eight small ones (on a CPU a pass reads
 every weight once, whatever the batch). A forward that finds the worker idle waits up to
-``gather_ms`` for the clients that are about to send one (those that finished their last
-step and have not sent their next forward yet), then the pass runs with whoever is there;
-0 runs it at once. A client alone in its pass uses the session's own graph. The pass's
+``gather_ms`` for the clients whose next request is a forward (attached, no forward awaiting
+its backward), then the pass runs with whoever is there; 0 runs it at once. A client alone in its pass uses the session's own graph. The pass's
 backward runs once the gradients of its clients are in (or after the round timeout,
 without a silent one); each replica receives the gradient of its own rows only, exactly
 what it would get alone. Optimiser steps stay per replica.
@@ -52,18 +51,13 @@ class ServerHierarchical(Coordinator):
         self.joint_rows = 0
         self.joint_clients = 0
         self.alone = 0  # forwards that ran alone
-        self.between: set[str] = set()  # attached, done with their last step, next forward not sent yet
         self.queued: set[str] = set()  # sessions whose forward waits for the worker
         self.by_session: dict[str, Round] = {}  # in a joint pass awaiting its backward
         self._open: dict[int, Round] = {}
 
-    def attach(self, session: BodySession) -> None:
-        super().attach(session)
-        if session.id in self.attached:
-            self.between.add(session.id)
-
     def _expected_forwards(self) -> int:
-        return len(self.forwards.pending) + len(self.between & set(self.attached))
+        """Clients whose next request is a forward: attached, with no forward awaiting its backward."""
+        return sum(1 for sid, s in self.attached.items() if sid not in self.by_session and not s.graphs)
 
     def poke(self) -> None:
         super().poke()
@@ -82,7 +76,6 @@ class ServerHierarchical(Coordinator):
                 rnd.number,
                 session.id,
             )
-        self.between.discard(session.id)
         super().detach(session)
         self.local_steps.pop(session.id, None)
         self.examples.pop(session.id, None)
@@ -94,7 +87,6 @@ class ServerHierarchical(Coordinator):
         self.examples.clear()
         self.by_session.clear()
         self._open.clear()
-        self.between.clear()
         self.last_round = 0
 
     # ------------------------------------------------------------------ forward and backward
@@ -112,7 +104,6 @@ class ServerHierarchical(Coordinator):
                 "FAILED_PRECONDITION", "server-hierarchical: finish the pending step (backward, then optimizer step) first"
             )
         self.queued.add(session.id)
-        self.between.discard(session.id)
         try:
             rnd, out = await self.forwards.submit(session, step_id, hidden, pad)
         finally:
@@ -178,16 +169,12 @@ class ServerHierarchical(Coordinator):
     # ------------------------------------------------------------------ optimiser step and sync
 
     async def step(self, session, clip):
-        try:
-            await super().step(session, clip)
-            if not self.sync_every or session.id not in self.attached:
-                return
-            n = self.local_steps[session.id] = self.local_steps.get(session.id, 0) + 1
-            if n % self.sync_every == 0:
-                await self._sync(session, n // self.sync_every)
-        finally:
-            if session.id in self.attached:
-                self.between.add(session.id)  # its next forward comes soon
+        await super().step(session, clip)
+        if not self.sync_every or session.id not in self.attached:
+            return
+        n = self.local_steps[session.id] = self.local_steps.get(session.id, 0) + 1
+        if n % self.sync_every == 0:
+            await self._sync(session, n // self.sync_every)
 
     async def _sync(self, session: BodySession, rnd: int) -> None:
         if rnd <= self.last_round:
