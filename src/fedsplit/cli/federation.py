@@ -166,6 +166,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             help="compute threads of the server, every mode (0: one per core; default: 1 on tiny-llama, "
             "else 0); clients use one each",
         ),
+        gather_ms: float = typer.Option(
+            250.0, help="server-hierarchical: how long a body pass waits for clients about to send a forward"
+        ),
         out: Path = typer.Option(Path("results/train-modes"), help="report folder"),
         json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures to this JSON file"),
     ) -> None:
@@ -193,6 +196,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             bandwidth_mbps=bandwidth_mbps,
             eval_examples=0,
             server_threads=server_threads if server_threads is not None else d["server_threads"],
+            gather_ms=gather_ms,
         )
         cfg = TrainModesConfig(
             rtt_ms=_floats(rtt_ms, "--rtt-ms"),
