@@ -19,7 +19,7 @@ import logging
 import torch
 
 from ..server.session import BodySession, SessionError
-from .joint import Round, joint_backward, joint_forward
+from .joint import Round, joint_backward, joint_forward, leave
 from .modes import SHARED_ADAPTER, SharedAdapter
 from .rounds import Gather
 
@@ -63,13 +63,7 @@ class ClientBatch(SharedAdapter):
         )
 
     def detach(self, session: BodySession) -> None:
-        rnd = self.by_session.pop(session.id, None)
-        if rnd is not None:
-            log.warning(
-                "client-batch round %d: %s left mid-round; the round goes on without it",
-                rnd.number,
-                session.id,
-            )
+        leave(self.by_session, session, "client-batch round")
         super().detach(session)
 
     # ------------------------------------------------------------------ forward

@@ -24,7 +24,7 @@ import logging
 from ..server.batching import WorkerBatcher
 from ..server.session import BodySession, SessionError
 from .fedavg import restrict, weighted_average
-from .joint import Round, joint_backward, joint_forward
+from .joint import Round, joint_backward, joint_forward, leave
 from .modes import Coordinator
 from .rounds import Gather
 
@@ -69,13 +69,7 @@ class ServerHierarchical(Coordinator):
                 rnd.backwards.poke()
 
     def detach(self, session: BodySession) -> None:
-        rnd = self.by_session.pop(session.id, None)
-        if rnd is not None:
-            log.warning(
-                "server-hierarchical pass %d: %s left before its backward; the others go on without it",
-                rnd.number,
-                session.id,
-            )
+        leave(self.by_session, session, "server-hierarchical pass")
         super().detach(session)
         self.local_steps.pop(session.id, None)
         self.examples.pop(session.id, None)

@@ -12,6 +12,7 @@ output is cut back into each client's slice, and so is the gradient w.r.t. the i
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ..server.session import BodySession
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +46,13 @@ class Round:
     contributed: set[str] = field(default_factory=set)
     backwards: Any = None  # the Gather of the round's gradients
     steps: Any = None  # client-batch: the Gather of its optimiser steps
+
+
+def leave(by_session: dict[str, Round], session: BodySession, what: str) -> None:
+    """``session``'s stream ended while it had a place in a joint pass: forget it, and say so."""
+    rnd = by_session.pop(session.id, None)
+    if rnd is not None:
+        log.warning("%s %d: %s left mid-round; the round goes on without it", what, rnd.number, session.id)
 
 
 def joint_forward(
