@@ -89,8 +89,7 @@ class WorkerBatcher:
     raised in that item's ``submit`` only). By default a request that finds the worker idle
     runs at once, alone. With ``linger`` > 0 and ``expected()`` (how many requests the
     caller expects soon, counting those queued), a batch waits up to ``linger`` seconds for
-    the rest to arrive — fewer, fuller passes when a pass costs about the same for one
-    client as for eight (the weights are read once either way).
+    the rest to arrive: fewer, fuller passes, each cheaper per row than a small one.
     """
 
     def __init__(self, executor, run, linger: float = 0.0, expected=None) -> None:
