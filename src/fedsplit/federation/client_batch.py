@@ -38,7 +38,6 @@ class ClientBatch(SharedAdapter):
         )
         self.rounds = 0
         self.by_session: dict[str, Round] = {}  # awaiting backward or step
-        self.live: set[int] = set()
         self._open: dict[int, Round] = {}
         self.rows = 0
 

@@ -99,8 +99,11 @@ class AdapterPool:
             else:
                 groups.append((name, i, i + 1))
 
+        names = [name for name, _, _ in groups]
+        even = len({stop - start for _, start, stop in groups}) == 1  # as many rows per adapter
+
         def add_updates(layer, args, output):
-            return output + _low_rank_updates(layer, args[0], groups, output)
+            return output + _low_rank_updates(layer, args[0], groups, names, even, output)
 
         layers = self._tuner_layers()
         handles = [layer.register_forward_hook(add_updates) for layer in layers]
@@ -150,12 +153,12 @@ class AdapterPool:
             self._layers, self._active = None, _STALE
 
 
-def _low_rank_updates(layer, x: torch.Tensor, groups: list[tuple[str, int, int]], like: torch.Tensor) -> torch.Tensor:
+def _low_rank_updates(
+    layer, x: torch.Tensor, groups: list[tuple[str, int, int]], names: list[str], even: bool, like: torch.Tensor
+) -> torch.Tensor:
     """``scaling * B(A(x))`` of each group's adapter on the group's rows of ``x`` (zeros where it has none)."""
-    sizes = {stop - start for _, start, stop in groups}
-    names = [name for name, _, _ in groups]
     batched = (
-        len(sizes) == 1
+        even
         and all(n in layer.lora_A for n in names)
         and len({layer.r[n] for n in names}) == 1
         and all(isinstance(layer.lora_dropout[n], nn.Identity) for n in names)
