@@ -2,6 +2,8 @@
 
 import json
 
+from safetensors.torch import load_file
+
 from fedsplit.federation.simulate import SimulateConfig, run_simulation
 
 
@@ -19,6 +21,7 @@ def test_simulate_trains_clients_with_different_partitions_and_writes_a_report(t
         tail_layers=(1,),
         sync_every=2,
         rtt_ms=10,
+        body_lr=1e-12,  # the server's body LoRA barely moves; head and tail train at the default lr
         round_timeout=30,
         eval_examples=16,
         out=str(tmp_path),
@@ -33,3 +36,11 @@ def test_simulate_trains_clients_with_different_partitions_and_writes_a_report(t
     assert json.loads((tmp_path / "report.json").read_text())["config"]["mode"] == "server-hierarchical"
     server_log = (tmp_path / "server-server-hierarchical.log").read_text()
     assert "body sync round 2: averaged 2 replica(s)" in server_log
+
+    def lora_b(part: str) -> list:
+        state = load_file(tmp_path / "global" / part / "adapter_model.safetensors")
+        return [t for name, t in state.items() if "lora_B" in name]
+
+    # B starts at zero; an AdamW step moves a weight by about lr at most
+    assert lora_b("body") and max(t.abs().max().item() for t in lora_b("body")) < 1e-9
+    assert max(t.abs().max().item() for t in lora_b("tail")) > 1e-5

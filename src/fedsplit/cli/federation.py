@@ -70,6 +70,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         steps: int = typer.Option(100, help="training steps per client"),
         batch_size: int = typer.Option(8, help="examples per client step"),
         lr: float = typer.Option(2e-4, help="AdamW learning rate"),
+        body_lr: Optional[float] = typer.Option(
+            None, help="AdamW learning rate of the server's body LoRA (default: --lr)"
+        ),
         max_length: int = typer.Option(128, help="token limit per example"),
         max_examples: Optional[int] = typer.Option(None, help="cap on the task's training examples"),
         head_layers: str = typer.Option(
@@ -109,6 +112,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             steps=steps,
             batch_size=batch_size,
             lr=lr,
+            body_lr=body_lr,
             max_length=max_length,
             max_examples=max_examples,
             head_layers=_ints(head_layers, "--head-layers"),

@@ -39,6 +39,9 @@ class SimulateConfig:
     steps: int = field(default=100, metadata={"help": "training steps per client"})
     batch_size: int = field(default=8, metadata={"help": "examples per client step"})
     lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate (head, body and tail LoRA)"})
+    body_lr: float | None = field(
+        default=None, metadata={"help": "AdamW learning rate of the server's body LoRA (default: lr)"}
+    )
     max_length: int = field(default=128, metadata={"help": "token limit per example"})
     max_examples: int | None = field(default=None, metadata={"help": "cap on the task's training examples"})
     head_layers: tuple[int, ...] = field(default=(2,), metadata={"help": "p; a list cycles over the clients"})
@@ -103,6 +106,7 @@ class SimulateConfig:
                 max_length=self.max_length,
                 max_examples=self.max_examples,
                 lr=self.lr,
+                body_lr=self.body_lr,
                 rank=self.rank,
                 alpha=self.alpha,
                 seed=self.seed,

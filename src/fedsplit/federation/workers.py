@@ -37,6 +37,7 @@ class ClientSpec:
     max_length: int = 128
     max_examples: int | None = None
     lr: float = 2e-4
+    body_lr: float | None = None  # the server's body LoRA (default: lr)
     rank: int = 8
     alpha: float = 16.0
     seed: int = 0
@@ -121,7 +122,7 @@ class _Client:
                 max_length=spec.max_length,
                 max_batch=spec.batch_size,
                 lora=self.lora,
-                lr=spec.lr,
+                lr=spec.lr if spec.body_lr is None else spec.body_lr,
                 seed=spec.seed,
             ),
             lr=spec.lr,
