@@ -2,7 +2,7 @@
 
 import pytest
 
-from fedsplit.federation.bench import summarise
+from fedsplit.federation.bench import parallel_body_lr, summarise
 from fedsplit.federation.simulate import SimulateConfig
 
 
@@ -18,6 +18,15 @@ def test_summary_reports_speedups_and_the_bound_per_rtt():
     assert row["speedup_cb"] == pytest.approx(4.0) and row["speedup_sh"] == pytest.approx(5.0)
     assert row["bound"] == pytest.approx(10.0)  # sequential time / pure compute time
     assert row["sh_of_bound"] == pytest.approx(0.5)
+
+
+def test_parallel_modes_body_lr_scales_with_the_clients_one_body_step_covers():
+    sim = SimulateConfig(clients=8, lr=5e-4)
+    assert parallel_body_lr(sim, "linear") == pytest.approx(4e-3)
+    assert parallel_body_lr(sim, "none") == pytest.approx(5e-4)
+    assert parallel_body_lr(SimulateConfig(clients=4, lr=5e-4, body_lr=1e-4), "linear") == pytest.approx(4e-4)
+    with pytest.raises(ValueError, match="linear"):
+        parallel_body_lr(sim, "sqrt")
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ def test_simulate_trains_clients_with_different_partitions_and_writes_a_report(t
     assert json.loads((tmp_path / "report.json").read_text())["config"]["mode"] == "server-hierarchical"
     server_log = (tmp_path / "server-server-hierarchical.log").read_text()
     assert "body sync round 2: averaged 2 replica(s)" in server_log
+    assert server_log.count("lr 1e-12") == 2  # each client asked for the body lr it was given
 
     def lora_b(part: str) -> list:
         state = load_file(tmp_path / "global" / part / "adapter_model.safetensors")

@@ -173,6 +173,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         gather_ms: float = typer.Option(
             250.0, help="server-hierarchical: how long a body pass waits for clients about to send a forward"
         ),
+        body_lr_scale: str = typer.Option(
+            "linear",
+            help="body LoRA learning rate of the parallel modes: linear = lr x clients (one body step "
+            "covers every client's batch), none = lr",
+        ),
         out: Path = typer.Option(Path("results/train-modes"), help="report folder"),
         json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures to this JSON file"),
     ) -> None:
@@ -206,6 +211,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             rtt_ms=_floats(rtt_ms, "--rtt-ms"),
             eval_examples=eval_examples if eval_examples is not None else d["eval"],
             repeats=repeats,
+            body_lr_scale=body_lr_scale,
             out=str(out),
         )
         try:

@@ -40,6 +40,13 @@ class TrainModesConfig:
         metadata={"help": "test examples per mode's global model, evaluated at the first RTT (0 = skip)"},
     )
     repeats: int = field(default=1, metadata={"help": "runs per mode and RTT (medians are reported)"})
+    body_lr_scale: str = field(
+        default="linear",
+        metadata={
+            "help": "learning rate of the parallel modes' body LoRA: linear = lr x clients (one body "
+            "step, or one FedAvg of the replicas, covers every client's batch), none = lr"
+        },
+    )
     out: str = field(default="results/train-modes", metadata={"help": "report folder"})
 
 
@@ -170,6 +177,23 @@ def measure_compute(cfg: SimulateConfig, processes: int | None = None) -> dict:
     }
 
 
+def parallel_body_lr(sim: SimulateConfig, scale: str) -> float:
+    """The body learning rate of client-batch and server-hierarchical under ``scale``.
+
+    Sequential takes one body step per client step; client-batch one per round, on the
+    union of the clients' batches; server-hierarchical one per replica, averaged over the
+    clients. At one learning rate the parallel modes move the body about ``clients`` times
+    less for the same examples; ``linear`` (the linear scaling rule for an N-times larger
+    batch) makes up for it.
+    """
+    base = sim.body_lr or sim.lr
+    if scale == "none":
+        return base
+    if scale == "linear":
+        return base * sim.clients
+    raise ValueError(f"body lr scale must be 'linear' or 'none', not {scale!r}")
+
+
 def summarise(runs: list[dict], compute_seconds: float) -> list[dict]:
     """Per RTT: median wall time per mode, speedups over sequential, the bound and the fraction of it."""
     import statistics
@@ -208,6 +232,7 @@ def run_train_modes(sim: SimulateConfig, cfg: TrainModesConfig, progress: bool =
     out.mkdir(parents=True, exist_ok=True)
     for mode in MODES:
         replace(sim, mode=mode).check()
+    body_lr = parallel_body_lr(sim, cfg.body_lr_scale)
     started = time.perf_counter()
     runs: list[dict] = []
     with ClientPool(sim.specs(), wait=False) as pool, contextlib.ExitStack() as servers:
@@ -228,7 +253,7 @@ def run_train_modes(sim: SimulateConfig, cfg: TrainModesConfig, progress: bool =
                     name = f"{mode}@{rtt:g}ms" + (f"#{repeat + 1}" if cfg.repeats > 1 else "")
                     run = run_job(
                         pool,
-                        replace(sim, mode=mode, rtt_ms=rtt),
+                        replace(sim, mode=mode, rtt_ms=rtt, body_lr=body_lr if mode in PARALLEL else sim.body_lr),
                         out,
                         name,
                         progress,
@@ -256,6 +281,8 @@ def run_train_modes(sim: SimulateConfig, cfg: TrainModesConfig, progress: bool =
         "max_length": sim.max_length,
         "examples_per_mode": sim.clients * sim.steps * sim.batch_size,
         "repeats": cfg.repeats,
+        "lr": sim.lr,
+        "body_lr": {mode: body_lr if mode in PARALLEL else (sim.body_lr or sim.lr) for mode in MODES},
         **measured,
         "rows": table,
         "eval": accuracy,

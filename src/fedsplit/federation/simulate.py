@@ -215,7 +215,13 @@ def run_job(
             if server is None:
                 server = stack.enter_context(federation_server(cfg, out / f"server-{name}.log"))
             address = stack.enter_context(network(server, cfg))
-            job = Job(address=address, steps=cfg.steps, name=name, save_dir=str(save_dir or out / "global"))
+            job = Job(
+                address=address,
+                steps=cfg.steps,
+                name=name,
+                save_dir=str(save_dir or out / "global"),
+                body_lr=cfg.body_lr,
+            )
             started, results = pool.run(job, on_step)
     finally:
         bar.close()

@@ -54,6 +54,7 @@ class Job:
     steps: int
     save_dir: str | None = None  # client 0 saves the global adapters here (head/, body/, tail/)
     name: str = "run"
+    body_lr: float | None = None  # the body LoRA's learning rate for this run (default: the spec's)
     extra: dict = field(default_factory=dict)
 
 
@@ -122,7 +123,7 @@ class _Client:
                 max_length=spec.max_length,
                 max_batch=spec.batch_size,
                 lora=self.lora,
-                lr=spec.lr if spec.body_lr is None else spec.body_lr,
+                lr=next(lr for lr in (job.body_lr, spec.body_lr, spec.lr) if lr is not None),
                 seed=spec.seed,
             ),
             lr=spec.lr,

@@ -260,7 +260,15 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             except SessionError as exc:
                 self._close(session)
                 await context.abort(_status(exc.code), exc.message)
-        log.info("opened %s for %s: %s span %s max_length %d", session.id, owner, mode, span, req.max_length)
+        log.info(
+            "opened %s for %s: %s span %s max_length %d%s",
+            session.id,
+            owner,
+            mode,
+            span,
+            req.max_length,
+            f" lr {session.config.lr:g}" if mode == "train" else "",
+        )
         return session
 
     async def _open_run(self, req: pb.OpenSession, owner: str, config: SessionConfig, context) -> BodySession | None:
