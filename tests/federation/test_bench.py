@@ -2,7 +2,7 @@
 
 import pytest
 
-from fedsplit.federation.bench import parallel_body_lr, summarise
+from fedsplit.federation.bench import body_lrs, summarise
 from fedsplit.federation.simulate import SimulateConfig
 
 
@@ -22,11 +22,14 @@ def test_summary_reports_speedups_and_the_bound_per_rtt():
 
 def test_parallel_modes_body_lr_scales_with_the_clients_one_body_step_covers():
     sim = SimulateConfig(clients=8, lr=5e-4)
-    assert parallel_body_lr(sim, "linear") == pytest.approx(4e-3)
-    assert parallel_body_lr(sim, "none") == pytest.approx(5e-4)
-    assert parallel_body_lr(SimulateConfig(clients=4, lr=5e-4, body_lr=1e-4), "linear") == pytest.approx(4e-4)
+    assert body_lrs(sim, "linear") == pytest.approx(
+        {"sequential": 5e-4, "client-batch": 4e-3, "server-hierarchical": 4e-3}
+    )
+    assert set(body_lrs(sim, "none").values()) == {5e-4}
+    explicit = body_lrs(SimulateConfig(clients=4, lr=5e-4, body_lr=1e-4), "linear")
+    assert explicit["sequential"] == pytest.approx(1e-4) and explicit["client-batch"] == pytest.approx(4e-4)
     with pytest.raises(ValueError, match="linear"):
-        parallel_body_lr(sim, "sqrt")
+        body_lrs(sim, "sqrt")
 
 
 @pytest.mark.parametrize(

@@ -177,8 +177,8 @@ def measure_compute(cfg: SimulateConfig, processes: int | None = None) -> dict:
     }
 
 
-def parallel_body_lr(sim: SimulateConfig, scale: str) -> float:
-    """The body learning rate of client-batch and server-hierarchical under ``scale``.
+def body_lrs(sim: SimulateConfig, scale: str) -> dict[str, float]:
+    """The body learning rate of every mode; client-batch and server-hierarchical under ``scale``.
 
     Sequential takes one body step per client step; client-batch one per round, on the
     union of the clients' batches; server-hierarchical one per replica, averaged over the
@@ -186,12 +186,11 @@ def parallel_body_lr(sim: SimulateConfig, scale: str) -> float:
     less for the same examples; ``linear`` (the linear scaling rule for an N-times larger
     batch) makes up for it.
     """
-    base = sim.body_lr or sim.lr
-    if scale == "none":
-        return base
-    if scale == "linear":
-        return base * sim.clients
-    raise ValueError(f"body lr scale must be 'linear' or 'none', not {scale!r}")
+    base = sim.lr if sim.body_lr is None else sim.body_lr
+    factors = {"none": 1, "linear": sim.clients}
+    if scale not in factors:
+        raise ValueError(f"body lr scale must be 'linear' or 'none', not {scale!r}")
+    return {mode: base * factors[scale] if mode in PARALLEL else base for mode in MODES}
 
 
 def summarise(runs: list[dict], compute_seconds: float) -> list[dict]:
@@ -232,7 +231,7 @@ def run_train_modes(sim: SimulateConfig, cfg: TrainModesConfig, progress: bool =
     out.mkdir(parents=True, exist_ok=True)
     for mode in MODES:
         replace(sim, mode=mode).check()
-    body_lr = parallel_body_lr(sim, cfg.body_lr_scale)
+    body_lr = body_lrs(sim, cfg.body_lr_scale)
     started = time.perf_counter()
     runs: list[dict] = []
     with ClientPool(sim.specs(), wait=False) as pool, contextlib.ExitStack() as servers:
@@ -253,7 +252,7 @@ def run_train_modes(sim: SimulateConfig, cfg: TrainModesConfig, progress: bool =
                     name = f"{mode}@{rtt:g}ms" + (f"#{repeat + 1}" if cfg.repeats > 1 else "")
                     run = run_job(
                         pool,
-                        replace(sim, mode=mode, rtt_ms=rtt, body_lr=body_lr if mode in PARALLEL else sim.body_lr),
+                        replace(sim, mode=mode, rtt_ms=rtt, body_lr=body_lr[mode]),
                         out,
                         name,
                         progress,
@@ -282,7 +281,7 @@ def run_train_modes(sim: SimulateConfig, cfg: TrainModesConfig, progress: bool =
         "examples_per_mode": sim.clients * sim.steps * sim.batch_size,
         "repeats": cfg.repeats,
         "lr": sim.lr,
-        "body_lr": {mode: body_lr if mode in PARALLEL else (sim.body_lr or sim.lr) for mode in MODES},
+        "body_lr": body_lr,
         **measured,
         "rows": table,
         "eval": accuracy,

@@ -3,14 +3,15 @@
 Every client trains its own LoRA replica of the body on the shared frozen base weights and
 proceeds at its own pace; no client waits for another except at a sync. The body worker
 still batches: the forwards that queue while it is busy run as *one* pass in which each
-client's rows go through that client's replica (:meth:`AdapterPool.rows`), so eight
-replicas cost about one batched body pass, not eight small ones (measured on SmolLM2:
-3.6 s for one pass of eight replicas vs 4.8 s for eight separate passes, forward + backward). A forward that finds the worker idle waits up to
-``gather_ms`` for the clients whose next request is a forward (attached, no forward awaiting
-its backward), then the pass runs with whoever is there; 0 runs it at once. A client alone in its pass uses the session's own graph. The pass's
-backward runs once the gradients of its clients are in (or after the round timeout,
-without a silent one); each replica receives the gradient of its own rows only, exactly
-what it would get alone. Optimiser steps stay per replica.
+client's rows go through that client's replica (:meth:`AdapterPool.rows`), so eight replicas
+cost about one batched body pass, not eight small ones (measured on SmolLM2: 3.6 s for one
+pass of eight replicas vs 4.8 s for eight separate passes, forward + backward). A forward
+that finds the worker idle waits up to ``gather_ms`` for the clients whose next request is a
+forward (attached, no forward awaiting its backward), then the pass runs with whoever is
+there; 0 runs it at once. A client alone in its pass uses the session's own graph. The
+pass's backward runs once the gradients of its clients are in (or after the round timeout,
+without a silent one); each replica receives the gradient of its own rows only, exactly what
+it would get alone. Optimiser steps stay per replica.
 
 Every ``sync_every`` local steps the clients meet at a barrier and the server writes the
 example-weighted average of their replicas into each of them (each layer averaged over

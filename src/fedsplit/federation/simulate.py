@@ -106,7 +106,6 @@ class SimulateConfig:
                 max_length=self.max_length,
                 max_examples=self.max_examples,
                 lr=self.lr,
-                body_lr=self.body_lr,
                 rank=self.rank,
                 alpha=self.alpha,
                 seed=self.seed,

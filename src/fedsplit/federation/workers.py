@@ -37,7 +37,6 @@ class ClientSpec:
     max_length: int = 128
     max_examples: int | None = None
     lr: float = 2e-4
-    body_lr: float | None = None  # the server's body LoRA (default: lr)
     rank: int = 8
     alpha: float = 16.0
     seed: int = 0
@@ -54,7 +53,7 @@ class Job:
     steps: int
     save_dir: str | None = None  # client 0 saves the global adapters here (head/, body/, tail/)
     name: str = "run"
-    body_lr: float | None = None  # the body LoRA's learning rate for this run (default: the spec's)
+    body_lr: float | None = None  # the body LoRA's learning rate for this run (default: the spec's lr)
     extra: dict = field(default_factory=dict)
 
 
@@ -123,7 +122,7 @@ class _Client:
                 max_length=spec.max_length,
                 max_batch=spec.batch_size,
                 lora=self.lora,
-                lr=next(lr for lr in (job.body_lr, spec.body_lr, spec.lr) if lr is not None),
+                lr=spec.lr if job.body_lr is None else job.body_lr,
                 seed=spec.seed,
             ),
             lr=spec.lr,
