@@ -1,8 +1,10 @@
 """The train-modes figures and the simulate options a user can get wrong."""
 
+import os
+
 import pytest
 
-from fedsplit.federation.bench import body_lrs, summarise
+from fedsplit.federation.bench import body_lrs, cpu_between, machine_cpu, summarise
 from fedsplit.federation.simulate import SimulateConfig
 
 
@@ -44,3 +46,30 @@ def test_parallel_modes_body_lr_scales_with_the_clients_one_body_step_covers():
 def test_simulate_options_that_cannot_work_say_what_to_change(options, message):
     with pytest.raises(ValueError, match=message):
         SimulateConfig(**options).check()
+
+
+def test_machine_cpu_reads_busy_idle_and_steal_seconds_from_proc_stat():
+    stat = "cpu  1000 0 200 5000 100 0 0 300 0 0\ncpu0 500 0 100 2500 50 0 0 150 0 0\nintr 1\n"
+    cpu = machine_cpu(stat)
+    hz = os.sysconf("SC_CLK_TCK")
+    assert cpu == pytest.approx({"busy": 1200 / hz, "idle": 5100 / hz, "steal": 300 / hz})
+    later = {"busy": cpu["busy"] + 3.0, "idle": cpu["idle"], "steal": cpu["steal"] + 1.0}
+    span = cpu_between(cpu, later, seconds=2.0)
+    assert span == pytest.approx({"busy_cores": 1.5, "steal_s": 1.0, "steal_cores": 0.5})
+    assert machine_cpu("intr 1\n") is None and cpu_between(None, later, 2.0) == {}
+
+
+def test_summary_lists_each_runs_busy_cores_and_steal_when_measured():
+    runs = [
+        {"rtt_ms": 0.0, "mode": m, "wall_seconds": w, "machine": {"busy_cores": b, "steal_s": st}}
+        for m, w, b, st in [
+            ("sequential", 10.0, 1.0, 0.0),
+            ("client-batch", 5.0, 1.9, 0.2),
+            ("server-hierarchical", 4.0, 1.8, 2.5),
+        ]
+    ]
+    (row,) = summarise(runs, compute_seconds=4.0)
+    assert row["steal_s"] == {"seq": [0.0], "cb": [0.2], "sh": [2.5]}
+    assert row["busy_cores"]["cb"] == [1.9]
+    (plain,) = summarise([{k: v for k, v in r.items() if k != "machine"} for r in runs], 4.0)
+    assert "steal_s" not in plain

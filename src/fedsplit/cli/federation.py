@@ -249,6 +249,16 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             )
         console = Console()
         console.print(table)
+        for row in figures["rows"]:
+            if "steal_s" in row:
+                console.print(
+                    f"{row['rtt_ms']:g} ms, per run: cores busy "
+                    + ", ".join(
+                        f"{m} {' '.join(f'{v:.2f}' for v in vs)}" for m, vs in row["busy_cores"].items()
+                    )
+                    + "; steal s "
+                    + ", ".join(f"{m} {' '.join(f'{v:.1f}' for v in vs)}" for m, vs in row["steal_s"].items())
+                )
         if figures["eval"]:
             console.print(
                 "global model, first RTT: " + "; ".join(f"{m}: {v}" for m, v in figures["eval"].items())

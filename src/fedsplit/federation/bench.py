@@ -177,6 +177,45 @@ def measure_compute(cfg: SimulateConfig, processes: int | None = None) -> dict:
     }
 
 
+def machine_cpu(stat: str | None = None) -> dict[str, float] | None:
+    """The machine's CPU seconds so far, from ``/proc/stat`` (None where there is none).
+
+    ``busy`` counts user, nice, system and interrupt time; ``steal`` the time the
+    hypervisor gave this VM's cores to someone else. A run that is slow because the host
+    is busy shows it as steal, or as fewer busy cores than the run had work for.
+    """
+    import os
+
+    if stat is None:
+        try:
+            with open("/proc/stat") as f:
+                stat = f.read()
+        except OSError:
+            return None
+    fields = next((line.split() for line in stat.splitlines() if line.startswith("cpu ")), None)
+    if fields is None:
+        return None
+    ticks = [int(x) for x in fields[1:9]] + [0] * max(0, 9 - len(fields))
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks[:8]
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return {
+        "busy": (user + nice + system + irq + softirq) / hz,
+        "idle": (idle + iowait) / hz,
+        "steal": steal / hz,
+    }
+
+
+def cpu_between(before: dict | None, after: dict | None, seconds: float) -> dict[str, float]:
+    """Average busy cores and steal (seconds and cores) over a span of ``seconds``."""
+    if before is None or after is None or seconds <= 0:
+        return {}
+    return {
+        "busy_cores": (after["busy"] - before["busy"]) / seconds,
+        "steal_s": after["steal"] - before["steal"],
+        "steal_cores": (after["steal"] - before["steal"]) / seconds,
+    }
+
+
 def body_lrs(sim: SimulateConfig, scale: str) -> dict[str, float]:
     """The body learning rate of every mode; client-batch and server-hierarchical under ``scale``.
 
@@ -204,6 +243,14 @@ def summarise(runs: list[dict], compute_seconds: float) -> list[dict]:
         row = {"rtt_ms": rtt, **{f"{SHORT[m]}_s": wall[m] for m in MODES if m in wall}}
         if any(len(w) > 1 for w in walls.values()):
             row["runs_s"] = {SHORT[m]: w for m, w in walls.items()}
+        for key in ("busy_cores", "steal_s"):  # per run, in the order of runs_s: tells a slow spell
+            values = {
+                SHORT[m]: [r["machine"][key] for r in runs if r["rtt_ms"] == rtt and r["mode"] == m]
+                for m in MODES
+                if all(r.get("machine") for r in runs if r["rtt_ms"] == rtt and r["mode"] == m)
+            }
+            if any(values.values()):
+                row[key] = values
         seq = wall.get("sequential")
         bound = seq / compute_seconds if seq else None
         row["bound"] = bound
@@ -243,13 +290,16 @@ def run_train_modes(sim: SimulateConfig, cfg: TrainModesConfig, progress: bool =
         }
         pool.wait_loaded()
         log.info("measuring the pure compute of %d x %d client steps", sim.clients, sim.steps)
+        before, t0 = machine_cpu(), time.perf_counter()
         measured = measure_compute(sim)
+        measured["compute_machine"] = cpu_between(before, machine_cpu(), time.perf_counter() - t0)
         log.info("pure compute: %s", measured)
         for repeat in range(cfg.repeats):
             order = MODES[repeat % len(MODES) :] + MODES[: repeat % len(MODES)]
             for rtt in cfg.rtt_ms:
                 for mode in order:
                     name = f"{mode}@{rtt:g}ms" + (f"#{repeat + 1}" if cfg.repeats > 1 else "")
+                    before, t0 = machine_cpu(), time.perf_counter()
                     run = run_job(
                         pool,
                         replace(sim, mode=mode, rtt_ms=rtt, body_lr=body_lr[mode]),
@@ -260,7 +310,8 @@ def run_train_modes(sim: SimulateConfig, cfg: TrainModesConfig, progress: bool =
                         server=address[mode],
                     )
                     run["repeat"] = repeat
-                    log.info("%s: %.1fs", name, run["wall_seconds"])
+                    run["machine"] = cpu_between(before, machine_cpu(), time.perf_counter() - t0)
+                    log.info("%s: %.1fs %s", name, run["wall_seconds"], _machine_text(run["machine"]))
                     runs.append(run)
     accuracy = {}
     if cfg.eval_examples > 0:
@@ -291,6 +342,12 @@ def run_train_modes(sim: SimulateConfig, cfg: TrainModesConfig, progress: bool =
     write_report(report, out, f"fedsplit bench train-modes: {sim.model}, {sim.clients} clients")
     plot_wall_times(table, out / "wall.png")
     return figures
+
+
+def _machine_text(machine: dict) -> str:
+    if not machine:
+        return ""
+    return f"({machine['busy_cores']:.2f} cores busy, steal {machine['steal_s']:.1f}s)"
 
 
 def plot_wall_times(table: list[dict], path: Path) -> None:
