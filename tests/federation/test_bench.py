@@ -55,21 +55,25 @@ def test_machine_cpu_reads_busy_idle_and_steal_seconds_from_proc_stat():
     assert cpu == pytest.approx({"busy": 1200 / hz, "idle": 5100 / hz, "steal": 300 / hz})
     later = {"busy": cpu["busy"] + 3.0, "idle": cpu["idle"], "steal": cpu["steal"] + 1.0}
     span = cpu_between(cpu, later, seconds=2.0)
-    assert span == pytest.approx({"busy_cores": 1.5, "steal_s": 1.0, "steal_cores": 0.5})
+    assert span == pytest.approx(
+        {"busy_cores": 1.5, "steal_s": 1.0, "steal_cores": 0.5, "cores": os.cpu_count()}
+    )
     assert machine_cpu("intr 1\n") is None and cpu_between(None, later, 2.0) == {}
 
 
 def test_summary_lists_each_runs_busy_cores_and_steal_when_measured():
     runs = [
-        {"rtt_ms": 0.0, "mode": m, "wall_seconds": w, "machine": {"busy_cores": b, "steal_s": st}}
+        {"rtt_ms": 0.0, "mode": m, "wall_seconds": w, "machine": {"busy_cores": b, "steal_s": st, "cores": 2}}
         for m, w, b, st in [
             ("sequential", 10.0, 1.0, 0.0),
             ("client-batch", 5.0, 1.9, 0.2),
-            ("server-hierarchical", 4.0, 1.8, 2.5),
+            ("server-hierarchical", 5.0, 1.8, 2.0),
         ]
     ]
     (row,) = summarise(runs, compute_seconds=4.0)
-    assert row["steal_s"] == {"seq": [0.0], "cb": [0.2], "sh": [2.5]}
+    assert row["steal_s"] == {"seq": [0.0], "cb": [0.2], "sh": [2.0]}
     assert row["busy_cores"]["cb"] == [1.9]
+    assert row["sh_of_bound"] == pytest.approx(0.8)  # pure compute / wall
+    assert row["sh_of_bound_less_steal"] == pytest.approx(1.0)  # 2 s stolen from 2 cores: 1 s lost
     (plain,) = summarise([{k: v for k, v in r.items() if k != "machine"} for r in runs], 4.0)
-    assert "steal_s" not in plain
+    assert "steal_s" not in plain and "sh_of_bound_less_steal" not in plain

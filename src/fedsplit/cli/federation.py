@@ -258,6 +258,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                     )
                     + "; steal s "
                     + ", ".join(f"{m} {' '.join(f'{v:.1f}' for v in vs)}" for m, vs in row["steal_s"].items())
+                    + "; % of bound less steal "
+                    + ", ".join(
+                        f"{m} {100 * row[f'{m}_of_bound_less_steal']:.0f}%"
+                        for m in ("cb", "sh")
+                        if f"{m}_of_bound_less_steal" in row
+                    )
                 )
         if figures["eval"]:
             console.print(

@@ -207,12 +207,15 @@ def machine_cpu(stat: str | None = None) -> dict[str, float] | None:
 
 def cpu_between(before: dict | None, after: dict | None, seconds: float) -> dict[str, float]:
     """Average busy cores and steal (seconds and cores) over a span of ``seconds``."""
+    import os
+
     if before is None or after is None or seconds <= 0:
         return {}
     return {
         "busy_cores": (after["busy"] - before["busy"]) / seconds,
         "steal_s": after["steal"] - before["steal"],
         "steal_cores": (after["steal"] - before["steal"]) / seconds,
+        "cores": os.cpu_count() or 1,
     }
 
 
@@ -259,6 +262,14 @@ def summarise(runs: list[dict], compute_seconds: float) -> list[dict]:
                 speedup = seq / wall[mode]
                 row[f"speedup_{SHORT[mode]}"] = speedup
                 row[f"{SHORT[mode]}_of_bound"] = speedup / bound
+            # Stolen CPU seconds held up a run by at least steal / cores (all cores busy);
+            # the pure compute, measured once, is compared with the wall time less that.
+            own = [r for r in runs if r["rtt_ms"] == rtt and r["mode"] == mode]
+            if own and all("cores" in (r.get("machine") or {}) for r in own):
+                unstolen = statistics.median(
+                    r["wall_seconds"] - r["machine"]["steal_s"] / r["machine"]["cores"] for r in own
+                )
+                row[f"{SHORT[mode]}_of_bound_less_steal"] = compute_seconds / unstolen
         rows.append(row)
     return rows
 
