@@ -195,8 +195,7 @@ def machine_cpu(stat: str | None = None) -> dict[str, float] | None:
     fields = next((line.split() for line in stat.splitlines() if line.startswith("cpu ")), None)
     if fields is None:
         return None
-    ticks = [int(x) for x in fields[1:9]] + [0] * max(0, 9 - len(fields))
-    user, nice, system, idle, iowait, irq, softirq, steal = ticks[:8]
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in (fields[1:] + ["0"] * 8)[:8])
     hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     return {
         "busy": (user + nice + system + irq + softirq) / hz,
@@ -241,19 +240,17 @@ def summarise(runs: list[dict], compute_seconds: float) -> list[dict]:
 
     rows = []
     for rtt in sorted({r["rtt_ms"] for r in runs}):
-        walls = {m: [r["wall_seconds"] for r in runs if r["rtt_ms"] == rtt and r["mode"] == m] for m in MODES}
+        own = {m: [r for r in runs if r["rtt_ms"] == rtt and r["mode"] == m] for m in MODES}
+        walls = {m: [r["wall_seconds"] for r in rs] for m, rs in own.items()}
         wall = {m: statistics.median(w) for m, w in walls.items() if w}
         row = {"rtt_ms": rtt, **{f"{SHORT[m]}_s": wall[m] for m in MODES if m in wall}}
         if any(len(w) > 1 for w in walls.values()):
             row["runs_s"] = {SHORT[m]: w for m, w in walls.items()}
-        for key in ("busy_cores", "steal_s"):  # per run, in the order of runs_s: tells a slow spell
-            values = {
-                SHORT[m]: [r["machine"][key] for r in runs if r["rtt_ms"] == rtt and r["mode"] == m]
-                for m in MODES
-                if all(r.get("machine") for r in runs if r["rtt_ms"] == rtt and r["mode"] == m)
-            }
-            if any(values.values()):
-                row[key] = values
+        # busy cores and steal per run, in the order of runs_s: they tell a slow spell
+        measured = {m: rs for m, rs in own.items() if rs and all(r.get("machine") for r in rs)}
+        if measured:
+            for key in ("busy_cores", "steal_s"):
+                row[key] = {SHORT[m]: [r["machine"][key] for r in rs] for m, rs in measured.items()}
         seq = wall.get("sequential")
         bound = seq / compute_seconds if seq else None
         row["bound"] = bound
@@ -262,12 +259,12 @@ def summarise(runs: list[dict], compute_seconds: float) -> list[dict]:
                 speedup = seq / wall[mode]
                 row[f"speedup_{SHORT[mode]}"] = speedup
                 row[f"{SHORT[mode]}_of_bound"] = speedup / bound
-            # Stolen CPU seconds held up a run by at least steal / cores (all cores busy);
-            # the pure compute, measured once, is compared with the wall time less that.
-            own = [r for r in runs if r["rtt_ms"] == rtt and r["mode"] == mode]
-            if own and all("cores" in (r.get("machine") or {}) for r in own):
+            if mode in measured:
+                # Stolen CPU seconds held up a run by at least steal / cores (all cores busy);
+                # the pure compute, measured once, is compared with the wall time less that.
                 unstolen = statistics.median(
-                    r["wall_seconds"] - r["machine"]["steal_s"] / r["machine"]["cores"] for r in own
+                    r["wall_seconds"] - r["machine"]["steal_s"] / r["machine"]["cores"]
+                    for r in measured[mode]
                 )
                 row[f"{SHORT[mode]}_of_bound_less_steal"] = compute_seconds / unstolen
         rows.append(row)
