@@ -11,10 +11,19 @@ LORA = LoraSettings(rank=4, alpha=8.0)
 H = 64  # tiny-llama hidden size
 
 
-def open_train(servicer, span=(1, 3), seed=3, lr=1e-2, owner="t") -> BodySession:
+def open_train(servicer, span=(1, 3), seed=3, lr=1e-2, owner="t", warmup=0) -> BodySession:
     """A TRAIN session opened and attached as the servicer does it for a stream."""
     config = servicer.coordinator.prepare(
-        SessionConfig(span=span, mode="train", lora=LORA, lr=lr, seed=seed, max_batch=8, max_length=64)
+        SessionConfig(
+            span=span,
+            mode="train",
+            lora=LORA,
+            lr=lr,
+            warmup_steps=warmup,
+            seed=seed,
+            max_batch=8,
+            max_length=64,
+        )
     )
     session = BodySession(servicer.body, servicer.pool, config, owner)
     servicer.sessions[session.id] = session

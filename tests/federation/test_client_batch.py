@@ -2,6 +2,7 @@
 
 import asyncio
 
+import pytest
 import torch
 import torch.nn.functional as F
 from federation_helpers import open_train, ragged, run
@@ -43,10 +44,11 @@ def rows_of(i, longest):
     return slice(start, start + h.shape[0]), slice(longest - h.shape[1], longest)
 
 
-def test_client_batch_round_equals_one_client_holding_the_union(make_servicer):
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_client_batch_round_equals_one_client_holding_the_union(make_servicer, warmup):
     servicer = make_servicer("client-batch", round_timeout=10)
     coord = servicer.coordinator
-    sessions = [open_train(servicer, owner=f"c{i}") for i in range(3)]
+    sessions = [open_train(servicer, owner=f"c{i}", warmup=warmup) for i in range(3)]
     grads = grads_for()
 
     async def forward_backward(i):
@@ -63,7 +65,7 @@ def test_client_batch_round_equals_one_client_holding_the_union(make_servicer):
     batched_grads = adapter_grads(servicer, SHARED_ADAPTER)
 
     reference = make_servicer("independent")
-    union = open_train(reference)
+    union = open_train(reference, warmup=warmup)
     hidden, pad, grad, longest = union_batch(grads)
     out_ref = union.forward(1, hidden, pad, 0)
     grad_in_ref = union.backward(1, grad)
@@ -88,6 +90,8 @@ def test_client_batch_round_equals_one_client_holding_the_union(make_servicer):
     got, want = servicer.pool.state_dict(SHARED_ADAPTER), reference.pool.state_dict(union.adapter)
     for key in want:
         assert torch.allclose(got[key], want[key], atol=1e-6), key
+    # with a warm-up, the round's one step is the adapter's first: a quarter of the lr
+    assert coord.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 / 4 if warmup else 1e-2)
 
 
 def test_ragged_clients_get_what_they_would_get_alone(make_servicer):

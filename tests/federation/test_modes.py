@@ -2,6 +2,7 @@
 
 import asyncio
 
+import pytest
 import torch
 from federation_helpers import open_train, ragged, run
 
@@ -26,6 +27,27 @@ def test_sequential_runs_one_client_step_at_a_time(make_servicer):
         assert coord.turn.holder == b.id
 
     run(scenario())
+
+
+def test_sequential_warmup_counts_the_steps_of_the_shared_body_not_of_each_client(make_servicer):
+    servicer = make_servicer("sequential", round_timeout=10)
+    coord = servicer.coordinator
+    a, b = open_train(servicer, owner="a", warmup=4), open_train(servicer, owner="b", warmup=4)
+    hidden, pad = ragged(2, 6, 1)
+    lrs = []
+
+    async def step(session):
+        out = await coord.forward(session, 1, hidden, pad, 0)
+        await coord.backward(session, 1, torch.ones_like(out))
+        await coord.step(session, 0.0)
+        lrs.append(a.optimizer.param_groups[0]["lr"])
+
+    async def scenario():
+        for session in (a, b, a, b, a):
+            await step(session)
+
+    run(scenario())
+    assert lrs == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2])
 
 
 def test_sequential_turn_passes_on_when_the_holder_leaves(make_servicer, caplog):

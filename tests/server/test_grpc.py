@@ -66,6 +66,19 @@ def test_train_step_over_grpc_gives_in_process_gradients(server, fingerprint):
     remote.optimizer_step()
 
 
+def test_body_lr_warmup_travels_with_the_session_and_ramps_the_servers_lr(server, fingerprint):
+    client = make_client(server.address, 1, 1, fingerprint, lora=True)
+    config = SessionConfig(span=(1, 3), mode="train", lora=LORA, lr=0.03, warmup_steps=3, max_batch=2, max_length=64)
+    client.start_training(config)
+    session = next(iter(server.servicer.sessions.values()))
+    assert session.config.warmup_steps == 3
+    seen = []
+    for _ in range(4):
+        client.train_step(batch())
+        seen.append(session.optimizer.param_groups[0]["lr"])
+    assert seen == pytest.approx([0.01, 0.02, 0.03, 0.03])
+
+
 def test_two_clients_with_different_partitions_work_at_once(server, fingerprint):
     errors, results = [], {}
 

@@ -73,6 +73,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         body_lr: Optional[float] = typer.Option(
             None, help="AdamW learning rate of the server's body LoRA (default: --lr)"
         ),
+        body_warmup: int = typer.Option(
+            0,
+            help="body optimiser steps over which the body lr ramps up linearly from body-lr / W "
+            "(0 = constant; W = --clients starts client-batch at the sequential lr)",
+        ),
         max_length: int = typer.Option(128, help="token limit per example"),
         max_examples: Optional[int] = typer.Option(None, help="cap on the task's training examples"),
         head_layers: str = typer.Option(
@@ -113,6 +118,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             batch_size=batch_size,
             lr=lr,
             body_lr=body_lr,
+            body_warmup=body_warmup,
             max_length=max_length,
             max_examples=max_examples,
             head_layers=_ints(head_layers, "--head-layers"),

@@ -129,6 +129,8 @@ class RemoteSession:
             learning_rate=config.lr,
             weight_decay=config.weight_decay,
         )
+        if config.warmup_steps:
+            request.warmup_steps = config.warmup_steps
         if resume:
             request.resume_session_id = resume
         if config.run_id:

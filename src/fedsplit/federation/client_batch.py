@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from ..server.session import BodySession, SessionError
+from ..server.session import BodySession, SessionError, warm_up
 from .joint import Round, joint_backward, joint_forward, leave
 from .modes import SHARED_ADAPTER, SharedAdapter
 from .rounds import Gather
@@ -191,5 +191,6 @@ class ClientBatch(SharedAdapter):
             return
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(self.servicer.pool.parameters(SHARED_ADAPTER), clip)
+        warm_up(self.optimizer, *self.schedule)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

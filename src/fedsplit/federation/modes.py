@@ -131,6 +131,7 @@ class SharedAdapter(Coordinator):
     def __init__(self, servicer) -> None:
         super().__init__(servicer)
         self.optimizer: torch.optim.Optimizer | None = None
+        self.schedule = (0.0, 0)  # (lr, warmup steps) of the shared optimiser, from its first session
 
     def prepare(self, config: SessionConfig) -> SessionConfig:
         if config.mode == "train" and config.adapter is None:
@@ -145,9 +146,12 @@ class SharedAdapter(Coordinator):
         if not self.shared(session):
             return
         if self.optimizer is None:
+            self.schedule = (session.config.lr, session.config.warmup_steps)
             params = self.servicer.pool.parameters(SHARED_ADAPTER)
             self.optimizer = (
-                torch.optim.AdamW(params, lr=session.config.lr, weight_decay=session.config.weight_decay, foreach=True)
+                torch.optim.AdamW(
+                    params, lr=session.config.lr, weight_decay=session.config.weight_decay, foreach=True
+                )
                 if params
                 else None
             )

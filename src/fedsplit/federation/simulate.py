@@ -42,6 +42,13 @@ class SimulateConfig:
     body_lr: float | None = field(
         default=None, metadata={"help": "AdamW learning rate of the server's body LoRA (default: lr)"}
     )
+    body_warmup: int = field(
+        default=0,
+        metadata={
+            "help": "body optimiser steps over which the body lr ramps up linearly from body_lr / W "
+            "(0 = constant; W = clients starts client-batch at the sequential lr)"
+        },
+    )
     max_length: int = field(default=128, metadata={"help": "token limit per example"})
     max_examples: int | None = field(default=None, metadata={"help": "cap on the task's training examples"})
     head_layers: tuple[int, ...] = field(default=(2,), metadata={"help": "p; a list cycles over the clients"})
@@ -55,7 +62,9 @@ class SimulateConfig:
     round_timeout: float = field(default=60.0, metadata={"help": "seconds a round waits for missing clients"})
     gather_ms: float = field(
         default=250.0,
-        metadata={"help": "server-hierarchical: how long a body pass waits for clients about to send a forward"},
+        metadata={
+            "help": "server-hierarchical: how long a body pass waits for clients about to send a forward"
+        },
     )
     server_threads: int = field(
         default=0,
@@ -81,6 +90,8 @@ class SimulateConfig:
             )
         if self.clients < 1 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("--clients, --steps and --batch-size must be at least 1")
+        if self.body_warmup < 0:
+            raise ValueError("--body-warmup must be 0 (constant lr) or a number of optimiser steps")
         if self.mode == "server-hierarchical" and self.sync_every and self.steps % self.sync_every:
             raise ValueError(
                 f"--steps {self.steps} is not a multiple of --sync-every {self.sync_every}: the last "
@@ -220,6 +231,7 @@ def run_job(
                 name=name,
                 save_dir=str(save_dir or out / "global"),
                 body_lr=cfg.body_lr,
+                body_warmup=cfg.body_warmup,
             )
             started, results = pool.run(job, on_step)
     finally:

@@ -54,6 +54,7 @@ class Job:
     save_dir: str | None = None  # client 0 saves the global adapters here (head/, body/, tail/)
     name: str = "run"
     body_lr: float | None = None  # the body LoRA's learning rate for this run (default: the spec's lr)
+    body_warmup: int = 0  # optimiser steps over which the body lr ramps up (0 = constant)
     extra: dict = field(default_factory=dict)
 
 
@@ -123,6 +124,7 @@ class _Client:
                 max_batch=spec.batch_size,
                 lora=self.lora,
                 lr=spec.lr if job.body_lr is None else job.body_lr,
+                warmup_steps=job.body_warmup,
                 seed=spec.seed,
             ),
             lr=spec.lr,

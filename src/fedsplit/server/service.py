@@ -230,6 +230,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             span=span, mode=mode, max_length=req.max_length, max_batch=batch, lora=lora,
             lr=req.learning_rate if req.HasField("learning_rate") else 2e-4,
             weight_decay=req.weight_decay if req.HasField("weight_decay") else 0.0,
+            warmup_steps=req.warmup_steps,
             seed=req.lora.seed if req.HasField("lora") and req.lora.HasField("seed") else None,
         )
         config = self.coordinator.prepare(config)

@@ -37,10 +37,24 @@ class SessionConfig:
     lora: LoraSettings | None = None
     lr: float = 2e-4
     weight_decay: float = 0.0
+    warmup_steps: int = 0  # train: lr ramps up linearly over the adapter's first optimiser steps
     adapter: str | None = None  # train: share a named adapter instead of a private one
     seed: int | None = None  # LoRA init seed (same layer, same init, wherever it runs)
     run_id: str | None = None  # train: a named run whose adapter the server checkpoints and restores
     resume_steps: tuple[int, ...] = ()  # train with run_id: steps the client can resume from (empty: latest)
+
+
+def warm_up(optimizer: torch.optim.Optimizer, lr: float, warmup_steps: int) -> None:
+    """Set the lr of the optimiser's next step: ``lr * min(1, k / warmup_steps)`` for its k-th step.
+
+    k is read from the optimiser's own state, so a shared optimiser (stepped by many
+    sessions) and one restored from a checkpoint both count the adapter's steps.
+    """
+    if warmup_steps <= 0:
+        return
+    done = max((int(state.get("step", 0)) for state in optimizer.state.values()), default=0)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * min(1.0, (done + 1) / warmup_steps)
 
 
 @dataclass
@@ -199,6 +213,7 @@ class BodySession:
         if self.optimizer is not None:  # None: an empty body span, nothing to train
             if clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.pool.parameters(self.adapter), clip_norm)
+            warm_up(self.optimizer, self.config.lr, self.config.warmup_steps)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1  # counted even when empty, so client and server agree on step numbers

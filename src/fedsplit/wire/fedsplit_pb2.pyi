@@ -97,7 +97,7 @@ class LoraConfig(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("model_fingerprint", "span_start", "span_end", "mode", "max_length", "wire_dtype", "lora", "learning_rate", "weight_decay", "resume_session_id", "max_batch_size", "run_id", "resume_steps")
+    __slots__ = ("model_fingerprint", "span_start", "span_end", "mode", "max_length", "wire_dtype", "lora", "learning_rate", "weight_decay", "resume_session_id", "max_batch_size", "run_id", "resume_steps", "warmup_steps")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SPAN_START_FIELD_NUMBER: _ClassVar[int]
     SPAN_END_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class OpenSession(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_STEPS_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     span_start: int
     span_end: int
@@ -124,7 +125,8 @@ class OpenSession(_message.Message):
     max_batch_size: int
     run_id: str
     resume_steps: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model_fingerprint: _Optional[str] = ..., span_start: _Optional[int] = ..., span_end: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_length: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., resume_session_id: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., run_id: _Optional[str] = ..., resume_steps: _Optional[_Iterable[int]] = ...) -> None: ...
+    warmup_steps: int
+    def __init__(self, model_fingerprint: _Optional[str] = ..., span_start: _Optional[int] = ..., span_end: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_length: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., resume_session_id: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., run_id: _Optional[str] = ..., resume_steps: _Optional[_Iterable[int]] = ..., warmup_steps: _Optional[int] = ...) -> None: ...
 
 class Forward(_message.Message):
     __slots__ = ("step_id", "hidden", "pad_lengths", "position_offset", "use_cache", "keep_graph")
