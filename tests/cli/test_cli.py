@@ -45,6 +45,20 @@ def test_train_export_eval_generate_round_trip(tmp_path):
            "--adapters", str(run), "--head-layers", "1", "--tail-layers", "1")
 
 
+def test_train_and_eval_read_the_owners_own_jsonl_data(tmp_path):
+    data = tmp_path / "own.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}?", "completion": f" a{i}"}) + "\n" for i in range(20)))
+    run = tmp_path / "run"
+    invoke("train", "--local", "--model", "tiny-llama", "--head-layers", "1", "--tail-layers", "1",
+           "--task", "jsonl", "--data", str(data), "--steps", "2", "--batch-size", "2", "--max-length", "32",
+           "--eval-examples", "2", "--out", str(run))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"]["data"] == str(data) and len(summary["history"]) == 2
+    invoke("eval", "--model", "tiny-llama", "--adapters", str(run), "--head-layers", "1", "--tail-layers", "1",
+           "--task", "jsonl", "--data", str(data), "--max-examples", "2", "--json", str(tmp_path / "m.json"))
+    assert json.loads((tmp_path / "m.json").read_text())  # scored on the file's own test split
+
+
 def test_user_errors_are_one_line_without_traceback():
     result = runner.invoke(app, ["generate", "--local", "--model", "no-such-model-xyz", "--prompt", "x"])
     assert result.exit_code == 2

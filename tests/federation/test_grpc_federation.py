@@ -7,7 +7,8 @@ import torch
 from federation_helpers import LORA
 
 from fedsplit.client.core import LocalTransport, SplitClient
-from fedsplit.federation.client import FederatedTransport, target_tokens
+from fedsplit.client.train import TrainConfig, build_client, run_training
+from fedsplit.federation.client import FederatedTransport, head_tail_state, target_tokens
 from fedsplit.model.loading import model_fingerprint
 from fedsplit.model.split import load_part
 from fedsplit.server.runner import build_servicer, start_background
@@ -177,3 +178,39 @@ def test_head_tail_round_goes_ahead_without_a_missing_client(serve, caplog):
     for s, t in zip(sessions, transports):
         s.close()
         t.close()
+
+
+def test_fedsplit_train_clients_join_the_servers_mode_and_fedavg_rounds(serve):
+    srv = serve("client-batch", round_timeout=20, fedavg_every=2)
+    summaries, clients = {}, {}
+
+    def train(seed):
+        cfg = TrainConfig(
+            model=SPEC,
+            server=srv.address,
+            head_layers=1,
+            tail_layers=1,
+            task="sentiment",
+            steps=3,
+            batch_size=2,
+            max_length=48,
+            eval_examples=4,
+            wire_dtype="fp32",
+            seed=seed,
+            body_lr=2e-2,
+            body_warmup=2,
+        )
+        clients[seed] = build_client(cfg)
+        summaries[seed] = run_training(cfg, client=clients[seed], progress=False)
+
+    in_threads([lambda s=s: train(s) for s in (0, 1)])
+    for summary in summaries.values():
+        assert summary["federation"] == {"mode": "client-batch", "fedavg_every": 2, "fedavg_rounds": 2}
+    # the heads and tails started from different seeds; the last FedAvg round leaves them equal
+    a, b = (head_tail_state(clients[s]) for s in (0, 1))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.allclose(a[key], b[key]), key
+    assert srv.servicer.coordinator.optimizer.param_groups[0]["lr"] == pytest.approx(
+        2e-2
+    )  # --body-lr, ramped up

@@ -143,9 +143,15 @@ def train(
     head_layers: int = typer.Option(2, help="p: decoder blocks in the client's head"),
     tail_layers: int = typer.Option(2, help="q: decoder blocks in the client's tail"),
     task: str = typer.Option("sentiment", help="task (sentiment, summarization, dialogue, jsonl, boolq, ...)"),
+    data: Optional[str] = typer.Option(None, help="the task's data: a JSONL file or folder (--task jsonl), a "
+                                       "local copy or hub id (other tasks)"),
     steps: int = typer.Option(200, help="optimizer steps"),
     batch_size: int = typer.Option(8, help="examples per step"),
     lr: float = typer.Option(2e-4, help="AdamW learning rate"),
+    body_lr: Optional[float] = typer.Option(None, help="learning rate of the body LoRA on the server (default: "
+                                            "--lr)"),
+    body_warmup: int = typer.Option(0, help="body optimiser steps over which the body lr ramps up linearly "
+                                    "(0 = constant)"),
     max_length: int = typer.Option(128, help="token limit per example"),
     max_examples: Optional[int] = typer.Option(None, help="cap on examples per split"),
     noise: float = typer.Option(0.0, help="Gaussian noise std on hidden states sent (absolute; see "
@@ -175,8 +181,8 @@ def train(
     from ..client.train import TrainConfig, run_training
 
     values = dict(
-        model=model, server=server, head_layers=head_layers, tail_layers=tail_layers, task=task, steps=steps,
-        batch_size=batch_size, lr=lr, max_length=max_length, max_examples=max_examples, noise=noise,
+        model=model, server=server, head_layers=head_layers, tail_layers=tail_layers, task=task, data=data, steps=steps,
+        batch_size=batch_size, lr=lr, body_lr=body_lr, body_warmup=body_warmup, max_length=max_length, max_examples=max_examples, noise=noise,
         noise_relative=noise_relative, defense=defense, wire_dtype=wire_dtype, seed=seed, eval_every=eval_every,
         eval_examples=eval_examples, rank=rank, alpha=alpha, centralized=centralized, token=token,
         tls_ca=str(tls_ca) if tls_ca else None, out=str(out), checkpoint_every=checkpoint_every, resume=resume,
@@ -349,6 +355,7 @@ def bench_quality(
 @app.command("eval")
 def eval_(
     task: str = typer.Option("sentiment", help="task to score"),
+    data: Optional[str] = typer.Option(None, help="the task's data (as for `fedsplit train --data`)"),
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
     server: Optional[str] = typer.Option(None, help="HOST:PORT; omit to run unsplit in this process"),
     adapters: Optional[Path] = typer.Option(None, help="run folder from `fedsplit train` (head/ body/ tail/)"),
@@ -372,7 +379,7 @@ def eval_(
     client = _open(build_client, cfg, None, False)
     if adapters is not None:
         _open(load_run_adapters, client, adapters)
-    metrics = evaluate_client(client, _open(load_task, task, seed=seed), load_tokenizer(model), split_name,
+    metrics = evaluate_client(client, _open(load_task, task, seed=seed, path=data), load_tokenizer(model), split_name,
                               max_examples)
     _report(metrics, json_out, f"fedsplit eval {task}")
 

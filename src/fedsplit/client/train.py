@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..federation.client import join_federation
 from ..model.loading import load_config, load_tokenizer, model_fingerprint
 from ..model.lora import LoraSettings, add_lora, save_adapter
 from ..model.split import body_span, load_client_parts, load_part, num_layers
@@ -28,9 +29,14 @@ class TrainConfig:
     head_layers: int = field(default=2, metadata={"help": "p"})
     tail_layers: int = field(default=2, metadata={"help": "q"})
     task: str = field(default="sentiment", metadata={"help": "task name (fedsplit.tasks)"})
+    data: str | None = field(default=None, metadata={"help": "the task's data: a JSONL file or folder (jsonl, "
+                                                             "required), a local copy or hub id (other tasks)"})
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "examples per step"})
     lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate (head, body and tail LoRA)"})
+    body_lr: float | None = field(default=None, metadata={"help": "learning rate of the body LoRA (default: lr)"})
+    body_warmup: int = field(default=0, metadata={"help": "body optimiser steps over which the body lr ramps "
+                                                          "up linearly (0 = constant)"})
     max_length: int = field(default=128, metadata={"help": "token limit per example"})
     max_examples: int | None = field(default=None, metadata={"help": "cap on examples per split"})
     noise: float = field(default=0.0, metadata={"help": "Gaussian noise std on the hidden states sent"})
@@ -81,9 +87,9 @@ def build_client(cfg: TrainConfig, transport=None, lora: bool = True) -> SplitCl
         add_lora(tail, cfg.lora, seed=cfg.seed)
     if transport is None:
         if cfg.server and not cfg.centralized:
-            from .remote import RemoteTransport
+            from ..federation.client import FederatedTransport  # joins the server's mode, if any
 
-            transport = RemoteTransport(cfg.server, token=cfg.token, tls_ca=cfg.tls_ca, wire_dtype=cfg.wire_dtype,
+            transport = FederatedTransport(cfg.server, token=cfg.token, tls_ca=cfg.tls_ca, wire_dtype=cfg.wire_dtype,
                                         fingerprint=model_fingerprint(cfg.model))
         else:
             transport = LocalTransport(load_part(cfg.model, "body", span=span))
@@ -138,7 +144,7 @@ def run_training(cfg: TrainConfig, client: SplitClient | None = None, progress: 
     from ..tasks import iterate_batches, load_task
 
     tokenizer = load_tokenizer(cfg.model)
-    task = load_task(cfg.task, max_examples=cfg.max_examples, seed=cfg.seed)
+    task = load_task(cfg.task, max_examples=cfg.max_examples, seed=cfg.seed, path=cfg.data)
     client = client or build_client(cfg)
     summary: dict = {"config": asdict(cfg), "history": []}
     if evaluate_before:
@@ -146,7 +152,16 @@ def run_training(cfg: TrainConfig, client: SplitClient | None = None, progress: 
         log.info("before training: %s", summary["before"])
     torch.manual_seed(cfg.seed)
     session_config = SessionConfig(span=client.span, mode="train", max_length=cfg.max_length,
-                                   max_batch=cfg.batch_size, lora=cfg.lora, lr=cfg.lr, seed=cfg.seed)
+                                   max_batch=cfg.batch_size, lora=cfg.lora,
+                                   lr=cfg.lr if cfg.body_lr is None else cfg.body_lr,
+                                   warmup_steps=cfg.body_warmup, seed=cfg.seed)
+    federation = None if cfg.centralized else join_federation(client, cfg.steps)
+    if federation is not None:
+        if cfg.checkpoint_every > 0 or cfg.resume:
+            raise ValueError(f"the server trains in {federation.mode} mode; checkpoints and --resume are for "
+                             "a client training alone (server mode independent)")
+        log.info("the server trains in %s mode; head/tail FedAvg every %d step(s)", federation.mode,
+                 federation.fedavg_every)
     trainer, first = None, 1
     if cfg.checkpoint_every > 0 or cfg.resume:  # fedsplit.client.checkpointing: survives restarts
         trainer = resilient_trainer(cfg, client, session_config, task, tokenizer)
@@ -159,7 +174,15 @@ def run_training(cfg: TrainConfig, client: SplitClient | None = None, progress: 
     bar = tqdm(range(first, cfg.steps + 1), desc="train", disable=not progress, dynamic_ncols=True)
     for step in bar:
         before = (traffic.sent, traffic.received) if traffic is not None else (0, 0)
-        result = trainer.train_step() if trainer else client.train_step(next(batches), cfg.clip_norm)
+        if trainer:
+            result = trainer.train_step()
+        else:
+            batch = next(batches)
+            if federation is not None:
+                federation.before_step(batch)
+            result = client.train_step(batch, cfg.clip_norm)
+            if federation is not None:
+                federation.after_step(step, batch)
         tokens_seen += result.tokens
         elapsed = time.perf_counter() - start
         record = {"step": step, "loss": result.loss, "seconds": elapsed}
@@ -174,6 +197,9 @@ def run_training(cfg: TrainConfig, client: SplitClient | None = None, progress: 
             log.info("step %d: %s", step, record["eval"])
         summary["history"].append(record)
     summary["train_seconds"] = time.perf_counter() - start
+    if federation is not None:
+        summary["federation"] = {"mode": federation.mode, "fedavg_every": federation.fedavg_every,
+                                 "fedavg_rounds": federation.rounds}
     summary["tokens_per_second"] = tokens_seen / summary["train_seconds"]
     if traffic is not None:
         summary["bytes_sent"], summary["bytes_received"] = sent, received

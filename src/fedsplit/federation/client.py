@@ -93,6 +93,65 @@ def fedavg_rounds(step: int, steps: int, every: int) -> int | None:
     return math.ceil(step / every)
 
 
+class Federation:
+    """A client's part in its server's training mode, step by step.
+
+    Before a step it gives the session the batch's ``loss_weight`` (client-batch weights the
+    round's gradients by it); after a step it joins the head/tail FedAvg round that is due
+    (every ``fedavg_every`` steps and after the last) and loads the average.
+    """
+
+    def __init__(
+        self,
+        client: SplitClient,
+        transport: FederatedTransport,
+        steps: int,
+        fedavg_every: int,
+        client_id: str = "",
+        mode: str = "",
+    ) -> None:
+        self.client, self.transport, self.steps = client, transport, steps
+        self.fedavg_every, self.client_id, self.mode = fedavg_every, client_id, mode
+        self.rounds = 0  # FedAvg rounds joined
+        self._since = 0  # examples since the last round
+
+    def before_step(self, batch: dict) -> None:
+        session = self.client.train_session
+        if isinstance(session, FederatedSession):
+            session.loss_weight = float(target_tokens(batch))
+
+    def after_step(self, step: int, batch: dict) -> int | None:
+        """Join the FedAvg round due after ``step``, if any; returns its number."""
+        self._since += int(batch["input_ids"].shape[0])
+        round_no = fedavg_rounds(step, self.steps, self.fedavg_every)
+        if round_no is None:
+            return None
+        mean, joined = self.transport.fedavg(
+            round_no, head_tail_state(self.client), self._since, self.client_id
+        )
+        load_head_tail(self.client, mean)
+        self.rounds += 1
+        self._since = 0
+        log.debug("%s: head/tail FedAvg round %d with %d client(s)", self.client_id, round_no, joined)
+        return round_no
+
+
+def join_federation(client: SplitClient, steps: int, client_id: str = "") -> Federation | None:
+    """The :class:`Federation` of ``client`` if its server trains in a federated mode, else None.
+
+    The server announces its mode and FedAvg period in ``InfoReply``; a transport that is not
+    a :class:`FederatedTransport`, or a server in ``independent`` mode, needs nothing.
+    """
+    transport = client.transport
+    if not isinstance(transport, FederatedTransport):
+        return None
+    info = transport.info()
+    mode = MODE_NAMES.get(info.federation_mode, "independent")
+    if mode == "independent":
+        return None
+    return Federation(client, transport, steps, int(info.fedavg_every), client_id, mode)
+
+
 def train_federated(
     client: SplitClient,
     transport: FederatedTransport,
@@ -107,22 +166,14 @@ def train_federated(
 
     Returns losses, wall times and the number of FedAvg rounds joined.
     """
-    session = client.train_session
-    losses, rounds, since = [], 0, 0
+    federation = Federation(client, transport, steps, fedavg_every, client_id)
+    losses = []
     started = time.time()
     for step, batch in zip(range(1, steps + 1), batches):
-        if isinstance(session, FederatedSession):
-            session.loss_weight = float(target_tokens(batch))
+        federation.before_step(batch)
         result = client.train_step(batch, clip_norm)
-        since += int(batch["input_ids"].shape[0])
         losses.append(result.loss)
-        round_no = fedavg_rounds(step, steps, fedavg_every)
-        if round_no is not None:
-            mean, joined = transport.fedavg(round_no, head_tail_state(client), since, client_id)
-            load_head_tail(client, mean)
-            rounds += 1
-            since = 0
-            log.debug("%s: head/tail FedAvg round %d with %d client(s)", client_id, round_no, joined)
+        federation.after_step(step, batch)
         if on_step is not None:
             on_step(step, result.loss)
-    return {"losses": losses, "start": started, "end": time.time(), "fedavg_rounds": rounds}
+    return {"losses": losses, "start": started, "end": time.time(), "fedavg_rounds": federation.rounds}
