@@ -8,9 +8,24 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from ..client.remote import RemoteError, RemoteTransport, ServerUnreachable
+
+
+def _die_with_parent() -> None:
+    """In a child before exec (Linux): the kernel sends it SIGTERM when its parent dies.
+
+    So a server started for a run does not outlive a parent that was killed outright.
+    Elsewhere (no prctl) this does nothing; the parent's own exit path still stops it.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -29,8 +44,12 @@ def server_process(model: str, *args: str, host: str = "127.0.0.1", timeout: flo
     port = port or free_port(host)
     cmd = [sys.executable, "-m", "fedsplit.cli.main", "serve", "--model", model, "--host", host,
            "--port", str(port), *args]
+    # The death signal fires when the *thread* that started the child ends, so only the main
+    # thread (which lives as long as the process) asks for it.
+    on_main = threading.current_thread() is threading.main_thread()
     proc = subprocess.Popen(cmd, stdout=log_file or subprocess.DEVNULL, stderr=log_file or subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=_die_with_parent if on_main and sys.platform == "linux" else None)
     address = f"{host}:{port}"
     try:
         probe = RemoteTransport(address, retries=0)

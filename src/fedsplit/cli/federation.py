@@ -35,6 +35,15 @@ BENCH_DEFAULTS = {
 }
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, a job scheduler) ends a run as Ctrl-C does: its server and client
+    processes are stopped on the way out instead of being left behind."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -105,6 +114,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         ),
     ) -> None:
         """One server and N client processes on loopback: train, evaluate the global model, write a report."""
+        _stop_on_sigterm()
         from ..federation.simulate import SimulateConfig, run_simulation
         from ..model.loading import ModelSpecError, UnsupportedModelError
 
@@ -188,6 +198,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures to this JSON file"),
     ) -> None:
         """Wall time of sequential, client-batch and server-hierarchical training per RTT, with the bound."""
+        _stop_on_sigterm()
         from rich.console import Console
         from rich.table import Table
 

@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import queue
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -174,7 +175,24 @@ class _Client:
         save_adapter(None, out / "body", settings, state=restrict(state, self.span), **meta)
 
 
-def _worker_main(spec_json: str, commands, events, start) -> None:
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """Watch the parent from a daemon thread; leave at once if it is gone (killed outright).
+
+    A parent that exits normally closes the pool; one killed by SIGKILL cannot, and its
+    workers would wait on their command queues forever.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fedsplit-parent-watch", daemon=True).start()
+
+
+def _worker_main(spec_json: str, commands, events, start, parent: int | None = None) -> None:
+    if parent is not None:
+        _exit_with_parent(parent)
     logging.basicConfig(
         level=logging.WARNING,
         stream=sys.stderr,
@@ -214,7 +232,7 @@ class ClientPool:
             self.procs = [
                 ctx.Process(
                     target=_worker_main,
-                    args=(json.dumps(asdict(s)), q, self.events, self.start),
+                    args=(json.dumps(asdict(s)), q, self.events, self.start, os.getpid()),
                     name=f"fedsplit-client{s.index}",
                     daemon=True,
                 )
