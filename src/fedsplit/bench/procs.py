@@ -14,18 +14,24 @@ import time
 from ..client.remote import RemoteError, RemoteTransport, ServerUnreachable
 
 
-def _die_with_parent() -> None:
-    """In a child before exec (Linux): the kernel sends it SIGTERM when its parent dies.
+def _parent_death_signal():
+    """A ``preexec_fn`` by which the kernel sends the child SIGTERM when its parent dies (Linux).
 
-    So a server started for a run does not outlive a parent that was killed outright.
-    Elsewhere (no prctl) this does nothing; the parent's own exit path still stops it.
+    So a server started for a run does not outlive a parent that was killed outright. The
+    signal fires when the *thread* that started the child ends, so only the main thread
+    (which lives as long as the process) asks for it; elsewhere this returns None and the
+    parent's own exit path still stops the child. ``prctl`` is looked up here, before the
+    fork: the child only calls it.
     """
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
     import ctypes
 
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    return lambda: prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -44,12 +50,8 @@ def server_process(model: str, *args: str, host: str = "127.0.0.1", timeout: flo
     port = port or free_port(host)
     cmd = [sys.executable, "-m", "fedsplit.cli.main", "serve", "--model", model, "--host", host,
            "--port", str(port), *args]
-    # The death signal fires when the *thread* that started the child ends, so only the main
-    # thread (which lives as long as the process) asks for it.
-    on_main = threading.current_thread() is threading.main_thread()
     proc = subprocess.Popen(cmd, stdout=log_file or subprocess.DEVNULL, stderr=log_file or subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            preexec_fn=_die_with_parent if on_main and sys.platform == "linux" else None)
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_parent_death_signal())
     address = f"{host}:{port}"
     try:
         probe = RemoteTransport(address, retries=0)
