@@ -181,8 +181,9 @@ def train(
     from ..client.train import TrainConfig, run_training
 
     values = dict(
-        model=model, server=server, head_layers=head_layers, tail_layers=tail_layers, task=task, data=data, steps=steps,
-        batch_size=batch_size, lr=lr, body_lr=body_lr, body_warmup=body_warmup, max_length=max_length, max_examples=max_examples, noise=noise,
+        model=model, server=server, head_layers=head_layers, tail_layers=tail_layers, task=task, data=data,
+        steps=steps, batch_size=batch_size, lr=lr, body_lr=body_lr, body_warmup=body_warmup,
+        max_length=max_length, max_examples=max_examples, noise=noise,
         noise_relative=noise_relative, defense=defense, wire_dtype=wire_dtype, seed=seed, eval_every=eval_every,
         eval_examples=eval_examples, rank=rank, alpha=alpha, centralized=centralized, token=token,
         tls_ca=str(tls_ca) if tls_ca else None, out=str(out), checkpoint_every=checkpoint_every, resume=resume,
@@ -379,8 +380,8 @@ def eval_(
     client = _open(build_client, cfg, None, False)
     if adapters is not None:
         _open(load_run_adapters, client, adapters)
-    metrics = evaluate_client(client, _open(load_task, task, seed=seed, path=data), load_tokenizer(model), split_name,
-                              max_examples)
+    scored = _open(load_task, task, seed=seed, path=data)
+    metrics = evaluate_client(client, scored, load_tokenizer(model), split_name, max_examples)
     _report(metrics, json_out, f"fedsplit eval {task}")
 
 

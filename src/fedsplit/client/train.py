@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..federation.client import join_federation
+from ..federation.client import FederatedTransport, join_federation
 from ..model.loading import load_config, load_tokenizer, model_fingerprint
 from ..model.lora import LoraSettings, add_lora, save_adapter
 from ..model.split import body_span, load_client_parts, load_part, num_layers
@@ -87,10 +87,9 @@ def build_client(cfg: TrainConfig, transport=None, lora: bool = True) -> SplitCl
         add_lora(tail, cfg.lora, seed=cfg.seed)
     if transport is None:
         if cfg.server and not cfg.centralized:
-            from ..federation.client import FederatedTransport  # joins the server's mode, if any
-
-            transport = FederatedTransport(cfg.server, token=cfg.token, tls_ca=cfg.tls_ca, wire_dtype=cfg.wire_dtype,
-                                        fingerprint=model_fingerprint(cfg.model))
+            # a RemoteTransport that can also take part in the server's training mode, if it has one
+            transport = FederatedTransport(cfg.server, token=cfg.token, tls_ca=cfg.tls_ca,
+                                           wire_dtype=cfg.wire_dtype, fingerprint=model_fingerprint(cfg.model))
         else:
             transport = LocalTransport(load_part(cfg.model, "body", span=span))
     hidden = int(head.config.hidden_size)
