@@ -68,3 +68,12 @@ def test_user_errors_are_one_line_without_traceback():
     result = runner.invoke(app, ["generate", "--local", "--model", "tiny-llama", "--prompt", "x",
                                  "--head-layers", "3", "--tail-layers", "3"])
     assert result.exit_code == 2 and "exceeds" in result.output
+
+
+def test_train_refuses_values_no_run_can_use_before_loading_anything():
+    for option, value, message in [("--body-warmup", "-1", "--body-warmup must be 0 or more"),
+                                   ("--steps", "0", "--steps must be positive"),
+                                   ("--lr", "-0.1", "--lr must be positive")]:
+        result = runner.invoke(app, ["train", "--local", "--model", "no-such-model-xyz", option, value])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output

@@ -65,6 +65,21 @@ class TrainConfig:
     def lora(self) -> LoraSettings:
         return LoraSettings(rank=self.rank, alpha=self.alpha)
 
+    def check(self) -> None:
+        """Raise ValueError, naming the option, for a value no run can use."""
+        positive = {"steps": self.steps, "batch-size": self.batch_size, "max-length": self.max_length,
+                    "lr": self.lr, "rank": self.rank}
+        if self.body_lr is not None:
+            positive["body-lr"] = self.body_lr
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"--{name} must be positive (got {value})")
+        counts = {"body-warmup": self.body_warmup, "eval-every": self.eval_every,
+                  "eval-examples": self.eval_examples, "checkpoint-every": self.checkpoint_every}
+        for name, value in counts.items():
+            if value < 0:
+                raise ValueError(f"--{name} must be 0 or more (got {value})")
+
     def defense_spec(self) -> str | None:
         if self.defense:
             return self.defense
@@ -142,6 +157,7 @@ def run_training(cfg: TrainConfig, client: SplitClient | None = None, progress: 
 
     from ..tasks import iterate_batches, load_task
 
+    cfg.check()
     tokenizer = load_tokenizer(cfg.model)
     task = load_task(cfg.task, max_examples=cfg.max_examples, seed=cfg.seed, path=cfg.data)
     client = client or build_client(cfg)
