@@ -1,6 +1,8 @@
 """The modes over real gRPC on loopback: client-batch equals the union, FedAvg rounds, dropped clients."""
 
+import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -87,7 +89,7 @@ def in_threads(fns, timeout=120):
     assert not errors, errors
 
 
-def test_client_batch_over_grpc_trains_the_body_like_one_client_with_the_union(serve):
+def test_client_batch_over_grpc_trains_the_body_like_one_client_with_the_union(serve, caplog):
     srv = serve("client-batch", round_timeout=20)
     transports = [
         FederatedTransport(srv.address, wire_dtype="fp32", fingerprint=FINGERPRINT) for _ in range(3)
@@ -104,7 +106,9 @@ def test_client_batch_over_grpc_trains_the_body_like_one_client_with_the_union(s
             clients[i].train_step(batch)
 
     in_threads([lambda i=i: run_client(i) for i in range(3)])
-    assert srv.servicer.coordinator.rounds == steps  # one body forward per round
+    coord = srv.servicer.coordinator
+    assert coord.rounds == steps  # one body forward per round
+    assert coord.members == 3 * steps and coord.updates == steps  # every round full, one update each
     _, got = clients[0].train_session.adapter_state()
 
     union = frozen_client(LocalTransport(load_part(SPEC, "body", span=(0, 4))))
@@ -115,8 +119,15 @@ def test_client_batch_over_grpc_trains_the_body_like_one_client_with_the_union(s
     for key, value in want.items():
         if key.startswith(("layers.1.", "layers.2.")):
             assert torch.allclose(got[key], value, atol=2e-5), key
-    for t in transports:
+    caplog.set_level(logging.INFO, logger="fedsplit.federation.client_batch")
+    for c, t in zip(clients, transports):
+        c.train_session.close()  # a closed session (not a dropped stream, which is parked) leaves
         t.close()
+    deadline = time.monotonic() + 10
+    summary = "client-batch: 3 round(s) of 3.0 client(s) on average, 3 body update(s), 0 forward round(s)"
+    while summary not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert summary in caplog.text
 
 
 def test_a_client_that_disconnects_mid_round_does_not_block_the_others(serve, caplog):

@@ -40,6 +40,8 @@ class ClientBatch(SharedAdapter):
         self.by_session: dict[str, Round] = {}  # awaiting backward or step
         self._open: dict[int, Round] = {}
         self.rows = 0
+        self.members = 0  # clients summed over the rounds: members / rounds = clients per round
+        self.updates = 0  # optimiser steps of the shared body adapter
 
     def waiting_for_forward(self) -> set[str]:
         """Clients expected in the next forward round: attached, and not still inside a round."""
@@ -54,6 +56,15 @@ class ClientBatch(SharedAdapter):
                     gather.poke()
 
     def reset(self) -> None:
+        if self.rounds:
+            log.info(
+                "client-batch: %d round(s) of %.1f client(s) on average, %d body update(s), "
+                "%d forward round(s) that timed out",
+                self.rounds,
+                self.members / self.rounds,
+                self.updates,
+                self.forwards.timeouts,
+            )
         super().reset()
         self.by_session.clear()
         self._open.clear()
@@ -106,6 +117,7 @@ class ClientBatch(SharedAdapter):
         rnd, results = joint_forward(self.servicer, number, span, members, SHARED_ADAPTER)
         rows = sum(s.rows.stop - s.rows.start for s in rnd.slots.values())
         self.rows += rows
+        self.members += len(members)
         log.debug("client-batch round %d: %d client(s), %d rows", number, len(members), rows)
         return rnd, results
 
@@ -194,3 +206,4 @@ class ClientBatch(SharedAdapter):
         warm_up(self.optimizer, *self.schedule)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
