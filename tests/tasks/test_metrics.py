@@ -11,6 +11,7 @@ from fedsplit.tasks import (
     Example,
     Task,
     accuracy_by_label_words,
+    classification_scores,
     encode_prompt,
     evaluate,
     exact_match,
@@ -121,7 +122,7 @@ def test_evaluate_dispatches_on_the_task_kind(chat_tokenizer):
         _favouring(chat_tokenizer, "positive"),
         progress=False,
     )
-    assert cls == {"accuracy": 1.0}
+    assert cls == {"accuracy": 1.0, "macro_f1": 1.0}
     ppl = evaluate(
         _task("dialogue", qa),
         chat_tokenizer,
@@ -171,3 +172,17 @@ def test_label_word_predictions_equal_full_answer_scoring(chat_tokenizer, words,
     assert (_single_token_choices(encoded[:k]) is not None) == one_token
     if one_token:
         assert len(set(want)) > 1  # the fake model does not favour one word everywhere
+
+
+def test_macro_f1_exposes_a_model_that_always_answers_the_most_common_label():
+    golds = [0] * 6 + [1] * 3 + [2]
+    always_first = classification_scores([0] * 10, golds)
+    assert always_first["accuracy"] == 0.6
+    assert always_first["macro_f1"] == pytest.approx((2 * 6 / 16) / 3)  # label 0's F1 0.75; 1 and 2 score 0
+    perfect = classification_scores(golds, golds)
+    assert perfect == {"accuracy": 1.0, "macro_f1": 1.0}
+    one_wrong = classification_scores([0] * 6 + [1, 1, 2, 2], golds)  # a 1 answered as 2
+    assert one_wrong["accuracy"] == 0.9
+    assert one_wrong["macro_f1"] == pytest.approx((1.0 + 2 * 2 / 5 + 2 * 1 / 3) / 3)
+    with pytest.raises(ValueError):
+        classification_scores([0], [0, 1])

@@ -9,7 +9,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .base import Example, Task, subsample
-from .metrics import LogitsFn, accuracy_by_label_words, perplexity, qa_scores, rouge_scores
+from .metrics import LogitsFn, perplexity, qa_scores, rouge_scores, scores_by_label_words
 from .prompts import encode_prompt
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Score ``task`` on one split; the metric follows the task's kind.
 
-    classification → ``{"accuracy"}`` (label words scored by log-likelihood, no generation);
+    classification → ``{"accuracy", "macro_f1"}`` (label words scored by log-likelihood, no generation);
     generation → ``{"rouge1", "rouge2", "rougeL"}``; qa → ``{"exact_match", "f1"}`` (first line of the
     generated answer); dialogue → ``{"perplexity"}``. Generation and qa need ``generate_fn``.
     ``max_examples`` scores a seeded random subset; ``max_length`` defaults to ``task.max_length``.
@@ -90,7 +90,7 @@ def evaluate(
     length = max_length or task.max_length
     log.info("evaluating %s on %d %s examples", task.name, len(examples), split)
     if task.kind == "classification":
-        acc = accuracy_by_label_words(
+        return scores_by_label_words(
             examples,
             tokenizer,
             logits_fn,
@@ -99,7 +99,6 @@ def evaluate(
             max_length=length,
             progress=progress,
         )
-        return {"accuracy": acc}
     if task.kind == "dialogue":
         ppl = perplexity(
             examples, tokenizer, logits_fn, batch_size=batch_size, max_length=length, progress=progress

@@ -216,7 +216,25 @@ def _predict_from_shared_prefix(
     return preds
 
 
-def accuracy_by_label_words(
+def classification_scores(preds: Sequence[int], golds: Sequence[int]) -> dict[str, float]:
+    """``accuracy`` and ``macro_f1`` (F1 averaged over the labels that are gold or predicted at least once).
+
+    Macro-F1 exposes what accuracy hides on a skewed label set: a model that always answers the most
+    common label scores that label's share in accuracy but only about ``2 * share / (1 + share) / k``
+    in macro-F1 over ``k`` labels.
+    """
+    if len(preds) != len(golds) or not golds:
+        raise ValueError("classification_scores needs as many predictions as gold labels, at least one")
+    f1s = []
+    for label in sorted(set(preds) | set(golds)):
+        hits = sum(1 for p, g in zip(preds, golds) if p == g == label)
+        predicted, gold = sum(1 for p in preds if p == label), sum(1 for g in golds if g == label)
+        f1s.append(2 * hits / (predicted + gold))
+    accuracy = sum(1 for p, g in zip(preds, golds) if p == g) / len(golds)
+    return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s)}
+
+
+def scores_by_label_words(
     examples: Sequence[Example],
     tokenizer: Any,
     logits_fn: LogitsFn,
@@ -225,11 +243,11 @@ def accuracy_by_label_words(
     batch_size: int = 8,
     max_length: int = 256,
     progress: bool = False,
-) -> float:
-    """Fraction of examples whose gold ``label`` is the label word the model scores highest."""
+) -> dict[str, float]:
+    """:func:`classification_scores` of the label word the model scores highest against the gold ``label``."""
     labelled = [ex for ex in examples if ex.label is not None]
     if not labelled:
-        raise ValueError("accuracy_by_label_words needs examples with a label")
+        raise ValueError("scoring by label words needs examples with a label")
     preds = predict_label_words(
         labelled,
         tokenizer,
@@ -239,7 +257,18 @@ def accuracy_by_label_words(
         max_length=max_length,
         progress=progress,
     )
-    return sum(int(p == ex.label) for p, ex in zip(preds, labelled)) / len(labelled)
+    return classification_scores(preds, [ex.label for ex in labelled])
+
+
+def accuracy_by_label_words(
+    examples: Sequence[Example],
+    tokenizer: Any,
+    logits_fn: LogitsFn,
+    label_words: Sequence[str],
+    **kwargs: Any,
+) -> float:
+    """Fraction of examples whose gold ``label`` is the label word the model scores highest."""
+    return scores_by_label_words(examples, tokenizer, logits_fn, label_words, **kwargs)["accuracy"]
 
 
 def perplexity(
