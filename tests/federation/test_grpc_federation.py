@@ -9,6 +9,7 @@ import torch
 from federation_helpers import LORA
 
 from fedsplit.client.core import LocalTransport, SplitClient
+from fedsplit.client.remote import RemoteError
 from fedsplit.client.train import TrainConfig, build_client, run_training
 from fedsplit.federation.client import FederatedTransport, head_tail_state, target_tokens
 from fedsplit.model.loading import model_fingerprint
@@ -128,6 +129,57 @@ def test_client_batch_over_grpc_trains_the_body_like_one_client_with_the_union(s
     while summary not in caplog.text and time.monotonic() < deadline:
         time.sleep(0.05)
     assert summary in caplog.text
+
+
+def _open_round_alone(client):
+    """``client``'s forward of step 1, sent while it is the only one attached: a round of its own."""
+    batch = client_batch(0, 0)
+    out = client.train_session.forward(1, client.head(batch["input_ids"], batch["pad_lengths"]),
+                                       batch["pad_lengths"], 0)
+    return torch.ones_like(out)
+
+
+def test_a_client_that_attaches_mid_round_waits_for_the_next_round(serve):
+    # Before the fix its forward ran at once, as a second round on the shared adapter; the first
+    # round's optimiser step then changed the weights under that forward's graph, and the
+    # second round's backward failed in autograd (seen in CI with two `fedsplit train` clients).
+    srv = serve("client-batch", round_timeout=20)
+    ta, tb = (FederatedTransport(srv.address, wire_dtype="fp32", fingerprint=FINGERPRINT) for _ in range(2))
+    a, b = frozen_client(ta), frozen_client(tb)
+    a.start_training(train_config())
+    grad = _open_round_alone(a)
+    b.start_training(train_config())
+    done = threading.Event()
+    late = threading.Thread(target=lambda: (b.train_step(client_batch(1, 0)), done.set()))
+    late.start()
+    assert not done.wait(0.5)  # b's forward waits while a's round is open
+    a.train_session.backward(1, grad)
+    a.train_session.step()  # in place on the shared adapter: no forward of another round may be pending
+    in_threads([lambda: a.train_step(client_batch(0, 1))])
+    late.join(30)
+    assert done.is_set()
+    coord = srv.servicer.coordinator
+    assert (coord.rounds, coord.members, coord.updates) == (2, 3, 2)  # a alone, then a and b together
+    for t in (ta, tb):
+        t.close()
+
+
+def test_a_round_still_open_after_the_timeout_is_closed_by_the_next(serve, caplog):
+    srv = serve("client-batch", round_timeout=1)
+    ta, tb = (FederatedTransport(srv.address, wire_dtype="fp32", fingerprint=FINGERPRINT) for _ in range(2))
+    a, b = frozen_client(ta), frozen_client(tb)
+    a.start_training(train_config())
+    grad = _open_round_alone(a)  # ... and a goes silent
+    b.start_training(train_config())
+    with caplog.at_level("WARNING"):
+        in_threads([lambda: b.train_step(client_batch(1, 0))], timeout=30)  # goes ahead after 1 s
+    assert "client-batch round 1: still open after the round timeout" in caplog.text
+    with pytest.raises(RemoteError, match="NOT_FOUND"):
+        a.train_session.backward(1, grad)  # too late: its round was closed, it must send the forward again
+    coord = srv.servicer.coordinator
+    assert (coord.rounds, coord.updates) == (2, 1)  # the closed round never stepped
+    for t in (ta, tb):
+        t.close()
 
 
 def test_a_client_that_disconnects_mid_round_does_not_block_the_others(serve, caplog):

@@ -44,8 +44,14 @@ class ClientBatch(SharedAdapter):
         self.updates = 0  # optimiser steps of the shared body adapter
 
     def waiting_for_forward(self) -> set[str]:
-        """Clients expected in the next forward round: attached, and not still inside a round."""
-        return self.shared_ids() - set(self.by_session)
+        """Clients expected in the next forward round: every attached client.
+
+        A client still inside a round is expected too: it sends its next forward once its round's
+        optimiser step is done. Rounds are lock-step: a new round's forward must not run while an
+        earlier round awaits its backward, whose graph that round's optimiser step would invalidate
+        (a client that attaches mid-round waits for the next round).
+        """
+        return self.shared_ids()
 
     def poke(self) -> None:
         super().poke()
@@ -93,7 +99,44 @@ class ClientBatch(SharedAdapter):
             )
         return await self.forwards.submit(session.id, (session, step_id, hidden, pad))
 
+    async def _retire_open_rounds(self) -> None:
+        """Close the rounds still open when a new one starts (after the round timeout, or abandoned).
+
+        Their clients' pending and later backwards and steps are answered with an error (send the
+        forward again), the retired round never steps, and any gradient its backward accumulated is
+        cleared before the new round's forward runs on the body worker.
+        """
+        if not self._open:
+            return
+        for number, rnd in sorted(self._open.items()):
+            waiting = sorted(sid for sid in rnd.slots if self.by_session.get(sid) is rnd)
+            if waiting:
+                log.warning(
+                    "client-batch round %d: still open after the round timeout; closed without %s "
+                    "(they must send the forward again)",
+                    number,
+                    ", ".join(waiting),
+                )
+            rnd.retired = True  # its graph is freed with the Round (or by a backward already under way)
+            for sid in waiting:
+                del self.by_session[sid]
+            for gather in (rnd.backwards, rnd.steps):
+                if gather is not None:
+                    gather.poke()  # nobody is expected any more: pending requests get their error now
+        self._open.clear()
+        await self.servicer._run(self.zero_grad)
+
+    @staticmethod
+    def _closed(rnd: Round, items: dict) -> dict:
+        error = SessionError(
+            "NOT_FOUND",
+            f"client-batch round {rnd.number} was closed after the round timeout without this client; "
+            "send the forward again",
+        )
+        return {sid: error for sid in items}
+
     async def _forward_round(self, items: dict) -> dict:
+        await self._retire_open_rounds()
         groups: dict[tuple[int, int], dict] = {}
         for sid, item in items.items():
             groups.setdefault(tuple(item[0].config.span), {})[sid] = item
@@ -148,6 +191,8 @@ class ClientBatch(SharedAdapter):
         return await rnd.backwards.submit(session.id, (grad, weight))
 
     async def _backward_round(self, rnd: Round, items: dict) -> dict:
+        if rnd.retired:
+            return self._closed(rnd, items)
         for sid in set(rnd.slots) - set(items):
             if self.by_session.get(sid) is rnd:
                 del self.by_session[sid]  # its gradient is lost; its next forward joins a new round
@@ -184,6 +229,8 @@ class ClientBatch(SharedAdapter):
         await rnd.steps.submit(session.id, clip)
 
     async def _step_round(self, rnd: Round, items: dict) -> dict:
+        if rnd.retired:
+            return self._closed(rnd, items)
         clip = max(items.values(), default=0.0)
         try:
             await self.servicer._run(self._apply, clip)

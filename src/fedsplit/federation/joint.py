@@ -46,6 +46,7 @@ class Round:
     contributed: set[str] = field(default_factory=set)
     backwards: Any = None  # the Gather of the round's gradients
     steps: Any = None  # client-batch: the Gather of its optimiser steps
+    retired: bool = False  # client-batch: closed by a later round before it finished
 
 
 def leave(by_session: dict[str, Round], session: BodySession, what: str) -> None:
