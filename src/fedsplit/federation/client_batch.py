@@ -72,6 +72,7 @@ class ClientBatch(SharedAdapter):
                 self.forwards.timeouts,
             )
         super().reset()
+        self.rounds = self.members = self.updates = self.rows = 0  # the next federation counts afresh
         self.by_session.clear()
         self._open.clear()
         self.forwards = Gather(

@@ -225,13 +225,10 @@ def classification_scores(preds: Sequence[int], golds: Sequence[int]) -> dict[st
     """
     if len(preds) != len(golds) or not golds:
         raise ValueError("classification_scores needs as many predictions as gold labels, at least one")
-    f1s = []
-    for label in sorted(set(preds) | set(golds)):
-        hits = sum(1 for p, g in zip(preds, golds) if p == g == label)
-        predicted, gold = sum(1 for p in preds if p == label), sum(1 for g in golds if g == label)
-        f1s.append(2 * hits / (predicted + gold))
-    accuracy = sum(1 for p, g in zip(preds, golds) if p == g) / len(golds)
-    return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s)}
+    hits = Counter(p for p, g in zip(preds, golds) if p == g)
+    predicted, gold = Counter(preds), Counter(golds)
+    f1s = [2 * hits[label] / (predicted[label] + gold[label]) for label in predicted | gold]
+    return {"accuracy": hits.total() / len(golds), "macro_f1": sum(f1s) / len(f1s)}
 
 
 def scores_by_label_words(
