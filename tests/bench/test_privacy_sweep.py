@@ -15,6 +15,9 @@ def test_sweep_on_the_tiny_model_writes_rows_table_and_plots(tmp_path):
     assert rows[("vmi", "dx:20")]["token_f1"] < rows[("vmi", "none")]["token_f1"] - 0.3
     assert rows[("label", "gaussian:1:relative")]["utility_grad_cosine"] < 0.5  # the gradient noise costs utility
     assert rows[("label", "none")]["utility_grad_cosine"] == 1.0
+    for row in (rows[("vmi", "none")], rows[("vmi", "dx:20")]):  # label-word scores of the split model
+        assert 0.0 <= row["utility_accuracy"] <= 1.0 and 0.0 <= row["utility_macro_f1"] <= 1.0
+        assert row["utility_nll"] > 0
     assert json.loads((tmp_path / "privacy.json").read_text())["rows"] == summary["rows"]
     table = (tmp_path / "privacy.md").read_text()
     assert "| vmi | 1 | dx:20 |" in table and "| label | gaussian:1:relative |" in table

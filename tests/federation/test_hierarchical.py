@@ -82,6 +82,49 @@ def test_a_replica_pass_goes_ahead_without_a_client_that_left(make_servicer, cap
     assert any(p.grad is not None and p.grad.any() for p in servicer.pool.parameters(sessions[0].adapter))
 
 
+def test_a_pass_goes_ahead_without_a_silent_client_whose_late_gradient_is_refused(make_servicer, caplog):
+    from fedsplit.server.session import SessionError
+
+    servicer = make_servicer("server-hierarchical", round_timeout=1)
+    coord = servicer.coordinator
+    sessions = [open_train(servicer, seed=seed, owner=f"c{i}") for i, seed in enumerate(SEEDS)]
+    straggler = sessions[2]
+    grads = _grads()
+    before = {k: v.clone() for k, v in servicer.pool.state_dict(straggler.adapter).items()}
+
+    async def scenario():
+        await _queued_forwards(servicer, sessions)
+        # The straggler is still attached but sends its gradient only after the round timeout.
+        await asyncio.gather(*(coord.backward(s, 1, g) for s, g in zip(sessions[:2], grads)))
+        await asyncio.gather(*(coord.step(s, 0.0) for s in sessions[:2]))
+        with pytest.raises(SessionError) as late:
+            await coord.backward(straggler, 1, grads[2])
+        # It starts over with a new forward, alone this time, and trains as usual.
+        hidden, pad = CLIENTS[2]
+        await coord.forward(straggler, 2, hidden, pad, 0)
+        grad_in = await coord.backward(straggler, 2, grads[2])
+        await coord.step(straggler, 0.0)
+        return late.value, grad_in
+
+    with caplog.at_level("WARNING"):
+        late, grad_in = run(scenario())
+    assert "round timeout" in caplog.text and "missing: " + straggler.id in caplog.text
+    assert late.code == "NOT_FOUND"  # a clean answer, not an autograd failure
+    assert grad_in.shape == CLIENTS[2][0].shape and grad_in.abs().sum() > 0
+    after = servicer.pool.state_dict(straggler.adapter)
+    assert any(not torch.equal(after[k], before[k]) for k in before)  # its own step, after the retry
+    assert coord.passes == 1 and coord.alone == 1
+    # Nothing of the closed pass leaked into that step: it is the step of a client alone.
+    alone = make_servicer("independent")
+    solo = open_train(alone, seed=SEEDS[2], owner="solo")
+    solo.forward(2, *CLIENTS[2], 0)
+    solo.backward(2, grads[2])
+    solo.step()
+    want = alone.pool.state_dict(solo.adapter)
+    for key in want:
+        assert torch.allclose(after[key], want[key], atol=1e-6), key
+
+
 def test_a_second_forward_before_the_step_is_refused(make_servicer):
     from fedsplit.server.session import SessionError
 

@@ -72,8 +72,11 @@ def _task(name: str, seed: int):
 
 def utility(spec: str, head_layers: int, defense_spec: str | None, task: str = "sentiment", n: int = 48,
             seed: int = 0, tail_layers: int = 2) -> dict:
-    """Task metrics of the split base model with ``defense_spec`` on what the client sends."""
-    from ..tasks import answer_log_likelihoods, encode_example, pad_id_of, predict_label_words
+    """Task metrics of the split base model with ``defense_spec`` on what the client sends.
+
+    ``nll`` of the answers; on a classification task also ``accuracy`` and ``macro_f1``.
+    """
+    from ..tasks import answer_log_likelihoods, encode_example, pad_id_of, scores_by_label_words
 
     tokenizer = load_tokenizer(spec)
     head, tail, body, span = _frozen_parts(spec, head_layers, tail_layers)
@@ -89,8 +92,7 @@ def utility(spec: str, head_layers: int, defense_spec: str | None, task: str = "
     nll = -sum(s for s, _ in scores) / max(sum(c for _, c in scores), 1)
     result = {"nll": nll}
     if task_obj.label_words:
-        preds = predict_label_words(examples, tokenizer, client.logits, task_obj.label_words)
-        result["accuracy"] = sum(int(p == ex.label) for p, ex in zip(preds, examples)) / len(examples)
+        result.update(scores_by_label_words(examples, tokenizer, client.logits, task_obj.label_words))
     return result
 
 
