@@ -6,14 +6,27 @@ from fedsplit.bench.privacy import QUICK_GRID, pareto, sweep
 
 
 def test_sweep_on_the_tiny_model_writes_rows_table_and_plots(tmp_path):
-    grid = dict(QUICK_GRID, defenses=["none", "dx:20"], head_layers=[1], n=8, utility_n=8, label_n=16,
-                extra=[("relaxation", 1, "none")])
+    grid = dict(
+        QUICK_GRID,
+        defenses=["none", "dx:20"],
+        head_layers=[1],
+        n=8,
+        utility_n=8,
+        label_n=16,
+        extra=[("relaxation", 1, "none")],
+    )
     summary = sweep(spec="tiny-llama", out=tmp_path, grid=grid, progress=False)
     rows = {(r["attack"], r["defense"]): r for r in summary["rows"]}
-    assert set(rows) == {("vmi", "none"), ("vmi", "dx:20"), ("relaxation", "none"),
-                         ("label", "none"), ("label", "gaussian:1:relative")}
+    assert set(rows) == {
+        ("vmi", "none"),
+        ("vmi", "dx:20"),
+        ("relaxation", "none"),
+        ("label", "none"),
+        ("label", "gaussian:1:relative"),
+    }
     assert rows[("vmi", "dx:20")]["token_f1"] < rows[("vmi", "none")]["token_f1"] - 0.3
-    assert rows[("label", "gaussian:1:relative")]["utility_grad_cosine"] < 0.5  # the gradient noise costs utility
+    # the gradient noise costs utility
+    assert rows[("label", "gaussian:1:relative")]["utility_grad_cosine"] < 0.5
     assert rows[("label", "none")]["utility_grad_cosine"] == 1.0
     for row in (rows[("vmi", "none")], rows[("vmi", "dx:20")]):  # label-word scores of the split model
         assert 0.0 <= row["utility_accuracy"] <= 1.0 and 0.0 <= row["utility_macro_f1"] <= 1.0

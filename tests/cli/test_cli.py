@@ -21,9 +21,28 @@ def invoke(*args):
 
 def test_train_export_eval_generate_round_trip(tmp_path):
     run = tmp_path / "run"
-    invoke("train", "--local", "--model", "tiny-llama", "--head-layers", "1", "--tail-layers", "1",
-           "--steps", "2", "--batch-size", "2", "--max-length", "48", "--eval-examples", "4",
-           "--lr", "1e-2", "--out", str(run))
+    invoke(
+        "train",
+        "--local",
+        "--model",
+        "tiny-llama",
+        "--head-layers",
+        "1",
+        "--tail-layers",
+        "1",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "48",
+        "--eval-examples",
+        "4",
+        "--lr",
+        "1e-2",
+        "--out",
+        str(run),
+    )
     assert {p.name for p in run.iterdir()} >= {"head", "body", "tail", "summary.json"}
     summary = json.loads((run / "summary.json").read_text())
     assert len(summary["history"]) == 2 and "accuracy" in summary["after"]
@@ -38,24 +57,91 @@ def test_train_export_eval_generate_round_trip(tmp_path):
         got = split.client.logits(ids, torch.zeros(1, dtype=torch.long))[:, -1]
     assert (expected - got).abs().max() <= 1e-4  # the exported adapter is the split model, body included
 
-    invoke("eval", "--model", "tiny-llama", "--adapters", str(run), "--head-layers", "1",
-                 "--tail-layers", "1", "--max-examples", "4", "--json", str(tmp_path / "m.json"))
+    invoke(
+        "eval",
+        "--model",
+        "tiny-llama",
+        "--adapters",
+        str(run),
+        "--head-layers",
+        "1",
+        "--tail-layers",
+        "1",
+        "--max-examples",
+        "4",
+        "--json",
+        str(tmp_path / "m.json"),
+    )
     assert "accuracy" in json.loads((tmp_path / "m.json").read_text())
-    invoke("generate", "--local", "--model", "tiny-llama", "--prompt", "hi", "--max-new-tokens", "3",
-           "--adapters", str(run), "--head-layers", "1", "--tail-layers", "1")
+    invoke(
+        "generate",
+        "--local",
+        "--model",
+        "tiny-llama",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "3",
+        "--adapters",
+        str(run),
+        "--head-layers",
+        "1",
+        "--tail-layers",
+        "1",
+    )
 
 
 def test_train_and_eval_read_the_owners_own_jsonl_data(tmp_path):
     data = tmp_path / "own.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"q{i}?", "completion": f" a{i}"}) + "\n" for i in range(20)))
+    data.write_text(
+        "".join(json.dumps({"prompt": f"q{i}?", "completion": f" a{i}"}) + "\n" for i in range(20))
+    )
     run = tmp_path / "run"
-    invoke("train", "--local", "--model", "tiny-llama", "--head-layers", "1", "--tail-layers", "1",
-           "--task", "jsonl", "--data", str(data), "--steps", "2", "--batch-size", "2", "--max-length", "32",
-           "--eval-examples", "2", "--out", str(run))
+    invoke(
+        "train",
+        "--local",
+        "--model",
+        "tiny-llama",
+        "--head-layers",
+        "1",
+        "--tail-layers",
+        "1",
+        "--task",
+        "jsonl",
+        "--data",
+        str(data),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "32",
+        "--eval-examples",
+        "2",
+        "--out",
+        str(run),
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["config"]["data"] == str(data) and len(summary["history"]) == 2
-    invoke("eval", "--model", "tiny-llama", "--adapters", str(run), "--head-layers", "1", "--tail-layers", "1",
-           "--task", "jsonl", "--data", str(data), "--max-examples", "2", "--json", str(tmp_path / "m.json"))
+    invoke(
+        "eval",
+        "--model",
+        "tiny-llama",
+        "--adapters",
+        str(run),
+        "--head-layers",
+        "1",
+        "--tail-layers",
+        "1",
+        "--task",
+        "jsonl",
+        "--data",
+        str(data),
+        "--max-examples",
+        "2",
+        "--json",
+        str(tmp_path / "m.json"),
+    )
     assert json.loads((tmp_path / "m.json").read_text())  # scored on the file's own test split
 
 
@@ -65,15 +151,30 @@ def test_user_errors_are_one_line_without_traceback():
     assert "error:" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["train", "--model", "tiny-llama"])
     assert result.exit_code == 2 and "exactly one of" in result.output
-    result = runner.invoke(app, ["generate", "--local", "--model", "tiny-llama", "--prompt", "x",
-                                 "--head-layers", "3", "--tail-layers", "3"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--local",
+            "--model",
+            "tiny-llama",
+            "--prompt",
+            "x",
+            "--head-layers",
+            "3",
+            "--tail-layers",
+            "3",
+        ],
+    )
     assert result.exit_code == 2 and "exceeds" in result.output
 
 
 def test_train_refuses_values_no_run_can_use_before_loading_anything():
-    for option, value, message in [("--body-warmup", "-1", "--body-warmup must be 0 or more"),
-                                   ("--steps", "0", "--steps must be positive"),
-                                   ("--lr", "-0.1", "--lr must be positive")]:
+    for option, value, message in [
+        ("--body-warmup", "-1", "--body-warmup must be 0 or more"),
+        ("--steps", "0", "--steps must be positive"),
+        ("--lr", "-0.1", "--lr must be positive"),
+    ]:
         result = runner.invoke(app, ["train", "--local", "--model", "no-such-model-xyz", option, value])
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output

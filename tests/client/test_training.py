@@ -68,8 +68,13 @@ def test_gaussian_noise_changes_training_but_not_the_clean_backward(tiny):
     add_lora(head, LORA, seed=SEED)
     add_lora(tail, LORA, seed=SEED)
     torch.manual_seed(0)
-    client = SplitClient(head, tail, LocalTransport(load_part("tiny-llama", "body", 1, 1)), (1, 3),
-                         defense=parse_defense("gaussian:0.5"))
+    client = SplitClient(
+        head,
+        tail,
+        LocalTransport(load_part("tiny-llama", "body", 1, 1)),
+        (1, 3),
+        defense=parse_defense("gaussian:0.5"),
+    )
     client.start_training(SessionConfig(span=(1, 3), mode="train", lora=LORA, seed=SEED))
     noisy = client.train_step(next(batches(1))).loss
     clean = split_losses(1, 1, steps=1, lr=2e-4)[0]

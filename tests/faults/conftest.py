@@ -16,4 +16,6 @@ def pytest_terminal_summary(terminalreporter):
     if CASES:
         total = sum(CASES.values())
         parts = ", ".join(f"{name} {n}" for name, n in sorted(CASES.items()))
-        terminalreporter.write_line(f"fedsplit fault suite: {total} generated cases against a live server ({parts})")
+        terminalreporter.write_line(
+            f"fedsplit fault suite: {total} generated cases against a live server ({parts})"
+        )

@@ -17,9 +17,15 @@ INFO_METHOD = "/fedsplit.v1.SplitService/Info"
 #: Every status a bad request may end with. UNKNOWN (an unhandled exception in the server) and
 #: DEADLINE_EXCEEDED (a hang) are failures.
 CLEAR = {
-    grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.ALREADY_EXISTS,
 }
 CLEAR_NUMBERS = {c.value[0] for c in CLEAR if c != grpc.StatusCode.OK}
 CALL_TIMEOUT = 20.0
@@ -39,10 +45,12 @@ class RawClient:
 
     def __init__(self, address: str) -> None:
         self.channel = grpc.insecure_channel(address, options=codec.channel_options())
-        self.session = self.channel.stream_stream(SESSION_METHOD, request_serializer=None,
-                                                  response_deserializer=pb.ServerMessage.FromString)
-        self.info = self.channel.unary_unary(INFO_METHOD, request_serializer=None,
-                                             response_deserializer=pb.InfoReply.FromString)
+        self.session = self.channel.stream_stream(
+            SESSION_METHOD, request_serializer=None, response_deserializer=pb.ServerMessage.FromString
+        )
+        self.info = self.channel.unary_unary(
+            INFO_METHOD, request_serializer=None, response_deserializer=pb.InfoReply.FromString
+        )
 
     def stream(self, messages: list[bytes], token: str | None) -> tuple[grpc.StatusCode, str, list]:
         """(final status, its details, replies) of one stream carrying ``messages``."""

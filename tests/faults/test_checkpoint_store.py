@@ -73,7 +73,7 @@ def test_adamw_state_round_trips_exactly(tmp_path):
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     for _ in range(3):
-        sum((p ** 2).sum() for p in params).backward()
+        sum((p**2).sum() for p in params).backward()
         opt.step()
         opt.zero_grad()
     tensors, meta = optimizer_state(opt, ["a", "b"])
@@ -83,7 +83,7 @@ def test_adamw_state_round_trips_exactly(tmp_path):
     twin_opt = torch.optim.AdamW(twins, lr=5.0)
     load_optimizer_state(twin_opt, ["a", "b"], loaded, saved["opt"])
     for group, o in ((params, opt), (twins, twin_opt)):  # one more step on each: same state, same result
-        sum((x ** 2).sum() for x in group).backward()
+        sum((x**2).sum() for x in group).backward()
         o.step()
     assert twin_opt.param_groups[0]["lr"] == 1e-2
     assert all(torch.equal(a, b) for a, b in zip(params, twins))

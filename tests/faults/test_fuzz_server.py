@@ -31,9 +31,17 @@ from fedsplit.wire import fedsplit_pb2 as pb
 HIDDEN = 64  # tiny-llama
 TTL = 1.0
 # Bounded: the module runs in well under two minutes on two loaded cores.
-FUZZ = settings(max_examples=150, deadline=None, database=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                       HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.data_too_large,
+    ],
+)
 
 
 class Harness:
@@ -42,16 +50,31 @@ class Harness:
     def __init__(self, tmp):
         tokens_file = tmp / "tokens"
         self.tokens = {name: add_token(tokens_file, name) for name in ("alice", "bob", "mallory")}
-        config = ServerConfig(model="tiny-llama", port=0, session_ttl=TTL, memory_budget=256 << 20, max_graphs=4,
-                              checkpoint_dir=str(tmp / "runs"), checkpoint_every=2)
+        config = ServerConfig(
+            model="tiny-llama",
+            port=0,
+            session_ttl=TTL,
+            memory_budget=256 << 20,
+            max_graphs=4,
+            checkpoint_dir=str(tmp / "runs"),
+            checkpoint_every=2,
+        )
         self.server = start_background(build_servicer(config, tokens_file=str(tokens_file)))
         self.servicer = self.server.servicer
         self.raw = RawClient(self.server.address)
         self.fingerprint = self.servicer.fingerprint
-        bob = RemoteTransport(self.server.address, token=self.tokens["bob"], wire_dtype="fp32",
-                              fingerprint=self.fingerprint, retries=0)
-        self.bob = bob.open(SessionConfig(span=(1, 3), mode="train", lora=LoraSettings(rank=2), seed=1,
-                                          max_length=8, max_batch=1))
+        bob = RemoteTransport(
+            self.server.address,
+            token=self.tokens["bob"],
+            wire_dtype="fp32",
+            fingerprint=self.fingerprint,
+            retries=0,
+        )
+        self.bob = bob.open(
+            SessionConfig(
+                span=(1, 3), mode="train", lora=LoraSettings(rank=2), seed=1, max_length=8, max_batch=1
+            )
+        )
         self.probe = torch.randn(1, 4, HIDDEN, generator=torch.Generator().manual_seed(0))
         self.expected = self._bob_output()
         self.process = psutil.Process(os.getpid())
@@ -65,7 +88,9 @@ class Harness:
         assert self.server.thread.is_alive(), "the server thread died"
         assert torch.equal(self._bob_output(), self.expected), "another client's session was disturbed"
 
-    def run(self, name: str, messages: list[bytes], token: str | None, parseable: bool = True) -> grpc.StatusCode:
+    def run(
+        self, name: str, messages: list[bytes], token: str | None, parseable: bool = True
+    ) -> grpc.StatusCode:
         count_case(name)
         code, details, replies = self.raw.stream(messages, token)
         check_outcome(code, details, replies, parseable)
@@ -86,7 +111,9 @@ def h(tmp_path_factory):
 
 step_ids = st.integers(0, 4)  # few ids: replays, duplicates and out-of-order steps are common
 floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
-dims = st.one_of(st.sampled_from([0, 1, 2, 3, 4, HIDDEN, HIDDEN + 1]), st.sampled_from([1 << 31, 1 << 62, 2**64 - 1]))
+dims = st.one_of(
+    st.sampled_from([0, 1, 2, 3, 4, HIDDEN, HIDDEN + 1]), st.sampled_from([1 << 31, 1 << 62, 2**64 - 1])
+)
 
 
 @st.composite
@@ -96,7 +123,9 @@ def tensors(draw, hidden_like: bool = True):
     rows, tokens = draw(st.integers(1, 2)), draw(st.integers(1, 4))
     t = torch.randn(rows, tokens, HIDDEN, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
     if kind == "nonfinite":
-        t.view(-1)[draw(st.integers(0, t.numel() - 1))] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+        t.view(-1)[draw(st.integers(0, t.numel() - 1))] = draw(
+            st.sampled_from([float("nan"), float("inf"), -float("inf")])
+        )
     msg = tensor(t, draw(st.sampled_from(["fp32", "fp16", "bf16", "int8"])))
     if kind == "shape":
         msg.ClearField("shape")
@@ -117,7 +146,9 @@ lora_configs = st.builds(
     rank=st.sampled_from([0, 1, 2, 4, 5000]),
     alpha=floats,
     dropout=st.sampled_from([0.0, 0.5, 1.0, -1.0, float("nan"), 2.0]),
-    target_modules=st.lists(st.sampled_from(["q_proj", "v_proj", "nope", "", "lm_head", "embed_tokens"]), max_size=2),
+    target_modules=st.lists(
+        st.sampled_from(["q_proj", "v_proj", "nope", "", "lm_head", "embed_tokens"]), max_size=2
+    ),
 )
 
 
@@ -125,9 +156,15 @@ lora_configs = st.builds(
 def opens(draw, h):
     """A valid OpenSession (TRAIN or GENERATE) with zero to three fields replaced by hostile values."""
     mode = draw(st.sampled_from([pb.TRAIN, pb.GENERATE]))
-    req = pb.OpenSession(model_fingerprint=h.fingerprint, span_start=1, span_end=3, mode=mode, max_length=16,
-                         wire_dtype=draw(st.sampled_from([pb.FP32, pb.FP16, pb.BF16, pb.INT8])),
-                         max_batch_size=draw(st.sampled_from([0, 1, 2])))
+    req = pb.OpenSession(
+        model_fingerprint=h.fingerprint,
+        span_start=1,
+        span_end=3,
+        mode=mode,
+        max_length=16,
+        wire_dtype=draw(st.sampled_from([pb.FP32, pb.FP16, pb.BF16, pb.INT8])),
+        max_batch_size=draw(st.sampled_from([0, 1, 2])),
+    )
     if mode == pb.TRAIN and draw(st.booleans()):
         req.lora.CopyFrom(pb.LoraConfig(rank=2, alpha=4.0))
         req.run_id = draw(st.sampled_from(["r1", "r2"]))
@@ -159,15 +196,25 @@ def opens(draw, h):
 
 @st.composite
 def requests(draw):
-    kind = draw(st.sampled_from(["forward"] * 6 + ["backward"] * 3 + ["step"] * 2 + ["fetch", "put", "empty", "open",
-                                                                                     "close"]))
+    kind = draw(
+        st.sampled_from(
+            ["forward"] * 6 + ["backward"] * 3 + ["step"] * 2 + ["fetch", "put", "empty", "open", "close"]
+        )
+    )
     if kind == "forward":
         t = draw(tensors())
         rows = t.shape[0] if len(t.shape) > 0 and t.shape[0] <= 4 else 1
         pad = draw(st.sampled_from([[0] * rows] * 3 + [[], [1] * rows, [0, 0, 0], [2**32 - 1] * rows]))
-        return pb.ClientMessage(forward=pb.Forward(
-            step_id=draw(step_ids), hidden=t, pad_lengths=pad, position_offset=draw(st.sampled_from([0, 0, 0, 1, 2, 3, 4, 2**32 - 1])),
-            use_cache=draw(st.booleans()), keep_graph=draw(st.booleans())))
+        return pb.ClientMessage(
+            forward=pb.Forward(
+                step_id=draw(step_ids),
+                hidden=t,
+                pad_lengths=pad,
+                position_offset=draw(st.sampled_from([0, 0, 0, 1, 2, 3, 4, 2**32 - 1])),
+                use_cache=draw(st.booleans()),
+                keep_graph=draw(st.booleans()),
+            )
+        )
     if kind == "backward":
         return pb.ClientMessage(backward=pb.Backward(step_id=draw(step_ids), grad=draw(tensors())))
     if kind == "step":
@@ -178,8 +225,15 @@ def requests(draw):
     if kind == "fetch":
         return pb.ClientMessage(fetch_adapter=pb.FetchAdapter())
     if kind == "put":
-        names = st.sampled_from(["layers.1.self_attn.q_proj.lora_A.weight", "layers.1.self_attn.q_proj.lora_B.weight",
-                                 "layers.9.mlp.lora_A.weight", "", "x"])
+        names = st.sampled_from(
+            [
+                "layers.1.self_attn.q_proj.lora_A.weight",
+                "layers.1.self_attn.q_proj.lora_B.weight",
+                "layers.9.mlp.lora_A.weight",
+                "",
+                "x",
+            ]
+        )
         tensors_ = draw(st.lists(st.builds(pb.NamedTensor, name=names, tensor=tensors()), max_size=3))
         return pb.ClientMessage(put_adapter=pb.PutAdapter(lora=draw(lora_configs), tensors=tensors_))
     if kind == "open":
@@ -208,20 +262,40 @@ def test_random_sessions_get_clear_statuses(h, data):
 
 
 @settings(FUZZ, max_examples=100)  # the slowest kind: up to 12 requests with real forward/backward each
-@given(ops=st.lists(st.one_of(st.tuples(st.just("forward"), step_ids), st.tuples(st.just("backward"), step_ids),
-                              st.tuples(st.just("step"), step_ids)), min_size=1, max_size=12))
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("forward"), step_ids),
+            st.tuples(st.just("backward"), step_ids),
+            st.tuples(st.just("step"), step_ids),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
 def test_out_of_order_and_replayed_steps_follow_the_protocol(h, ops):
     """Valid tensors, any order of forward/backward/step ids: each reply is what the protocol says."""
     count_case("order")
     hidden = tensor(torch.randn(1, 3, HIDDEN, generator=torch.Generator().manual_seed(5)))
     grad = tensor(torch.ones(1, 3, HIDDEN))
-    open_ = pb.OpenSession(model_fingerprint=h.fingerprint, span_start=1, span_end=3, mode=pb.TRAIN, max_length=8,
-                           wire_dtype=pb.FP32, lora=pb.LoraConfig(rank=2, alpha=4.0))
+    open_ = pb.OpenSession(
+        model_fingerprint=h.fingerprint,
+        span_start=1,
+        span_end=3,
+        mode=pb.TRAIN,
+        max_length=8,
+        wire_dtype=pb.FP32,
+        lora=pb.LoraConfig(rank=2, alpha=4.0),
+    )
     msgs, expected, pending = [pb.ClientMessage(seq=0, open=open_)], ["opened"], set()
     for seq, (kind, step_id) in enumerate(ops, 1):
         if kind == "forward":
-            msgs.append(pb.ClientMessage(seq=seq, forward=pb.Forward(step_id=step_id, hidden=hidden, pad_lengths=[0],
-                                                                     keep_graph=True)))
+            msgs.append(
+                pb.ClientMessage(
+                    seq=seq,
+                    forward=pb.Forward(step_id=step_id, hidden=hidden, pad_lengths=[0], keep_graph=True),
+                )
+            )
             if step_id in pending:
                 expected.append(grpc.StatusCode.ALREADY_EXISTS)
             elif len(pending) >= 4:  # the server's max_graphs
@@ -255,11 +329,21 @@ def _reply_kind(reply):
 
 def _valid_train_stream(h) -> list[bytes]:
     hidden = torch.randn(1, 3, HIDDEN, generator=torch.Generator().manual_seed(3))
-    open_ = pb.OpenSession(model_fingerprint=h.fingerprint, span_start=1, span_end=3, mode=pb.TRAIN, max_length=8,
-                           wire_dtype=pb.FP32, lora=pb.LoraConfig(rank=2, alpha=4.0), run_id="mut")
+    open_ = pb.OpenSession(
+        model_fingerprint=h.fingerprint,
+        span_start=1,
+        span_end=3,
+        mode=pb.TRAIN,
+        max_length=8,
+        wire_dtype=pb.FP32,
+        lora=pb.LoraConfig(rank=2, alpha=4.0),
+        run_id="mut",
+    )
     msgs = [
         pb.ClientMessage(seq=1, open=open_),
-        pb.ClientMessage(seq=2, forward=pb.Forward(step_id=1, hidden=tensor(hidden), pad_lengths=[0], keep_graph=True)),
+        pb.ClientMessage(
+            seq=2, forward=pb.Forward(step_id=1, hidden=tensor(hidden), pad_lengths=[0], keep_graph=True)
+        ),
         pb.ClientMessage(seq=3, backward=pb.Backward(step_id=1, grad=tensor(torch.ones_like(hidden)))),
         pb.ClientMessage(seq=4, step=pb.OptimizerStep(step_id=1, checkpoint=True)),
         pb.ClientMessage(seq=5, close=pb.Close()),
@@ -268,8 +352,13 @@ def _valid_train_stream(h) -> list[bytes]:
 
 
 @FUZZ
-@given(index=st.integers(0, 4), how=st.sampled_from(["flip", "truncate", "insert", "duplicate", "drop"]),
-       where=st.integers(0, 10_000), byte=st.integers(0, 255), count=st.integers(1, 8))
+@given(
+    index=st.integers(0, 4),
+    how=st.sampled_from(["flip", "truncate", "insert", "duplicate", "drop"]),
+    where=st.integers(0, 10_000),
+    byte=st.integers(0, 255),
+    count=st.integers(1, 8),
+)
 def test_mutated_protobuf_messages_get_clear_statuses(h, index, how, where, byte, count):
     """A valid training stream with one message's bytes flipped, cut, padded, duplicated or dropped."""
     msgs = _valid_train_stream(h)
@@ -298,8 +387,10 @@ def test_mutated_protobuf_messages_get_clear_statuses(h, index, how, where, byte
 
 
 @FUZZ
-@given(messages=st.lists(st.binary(max_size=200), min_size=1, max_size=4),
-       token=st.sampled_from(["alice", None, "", "garbage"]))
+@given(
+    messages=st.lists(st.binary(max_size=200), min_size=1, max_size=4),
+    token=st.sampled_from(["alice", None, "", "garbage"]),
+)
 def test_random_bytes_get_clear_statuses(h, messages, token):
     count_case("bytes")
     code, details, replies = h.raw.stream(messages, h.tokens.get(token, token))
@@ -309,14 +400,23 @@ def test_random_bytes_get_clear_statuses(h, messages, token):
     h.check_alive()
 
 
-@settings(max_examples=60, deadline=None, database=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(token=st.sampled_from([None, "", "Bearer", "x" * 5000, "alice-but-wrong", "~!@#$%^&*()"]),
-       method=st.sampled_from(["session", "info"]))
+@settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    token=st.sampled_from([None, "", "Bearer", "x" * 5000, "alice-but-wrong", "~!@#$%^&*()"]),
+    method=st.sampled_from(["session", "info"]),
+)
 def test_missing_or_invalid_tokens_are_unauthenticated(h, token, method):
     count_case("tokens")
     if method == "session":
-        open_ = pb.ClientMessage(open=pb.OpenSession(mode=pb.GENERATE, span_start=1, span_end=3, max_length=8))
+        open_ = pb.ClientMessage(
+            open=pb.OpenSession(mode=pb.GENERATE, span_start=1, span_end=3, max_length=8)
+        )
         code, _, _ = h.raw.stream([open_.SerializeToString()], token)
     else:
         try:
@@ -345,10 +445,20 @@ def test_server_memory_and_sessions_stay_bounded(h):
     start_rss = h.process.memory_info().rss
     for _ in range(20):  # a burst of abandoned sessions with caches and pending graphs
         h.run("burst", _valid_train_stream(h)[:3], h.tokens["alice"])
-        gen = pb.OpenSession(model_fingerprint=h.fingerprint, span_start=1, span_end=3, mode=pb.GENERATE,
-                             max_length=16, wire_dtype=pb.FP32)
+        gen = pb.OpenSession(
+            model_fingerprint=h.fingerprint,
+            span_start=1,
+            span_end=3,
+            mode=pb.GENERATE,
+            max_length=16,
+            wire_dtype=pb.FP32,
+        )
         fwd = pb.Forward(hidden=tensor(torch.randn(1, 8, HIDDEN)), pad_lengths=[0], use_cache=True)
-        h.run("burst", _serialize([pb.ClientMessage(open=gen), pb.ClientMessage(forward=fwd)]), h.tokens["alice"])
+        h.run(
+            "burst",
+            _serialize([pb.ClientMessage(open=gen), pb.ClientMessage(forward=fwd)]),
+            h.tokens["alice"],
+        )
     servicer = h.servicer
     assert wait_until(lambda: set(servicer.sessions) == {h.bob.id}, timeout=TTL * 10), list(servicer.sessions)
     time.sleep(0.5)  # the worker frees evicted sessions' adapters after the eviction

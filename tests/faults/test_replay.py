@@ -20,8 +20,11 @@ def serve(port=0):
 
 def client(address, fingerprint, exact=True):
     head, tail = load_part(SPEC, "head", 1, 1), load_part(SPEC, "tail", 1, 1)
-    transport = ReplayingTransport(RemoteTransport(address, wire_dtype="fp32", fingerprint=fingerprint, retries=0),
-                                   reconnect_timeout=60, exact=exact)
+    transport = ReplayingTransport(
+        RemoteTransport(address, wire_dtype="fp32", fingerprint=fingerprint, retries=0),
+        reconnect_timeout=60,
+        exact=exact,
+    )
     return SplitClient(head, tail, transport, (1, 3))
 
 
@@ -49,7 +52,8 @@ def test_restart_mid_generation_replays_history_and_pushed_adapter(fingerprint):
                 session.close()
 
         expected, first, kept = generate()
-        assert first.reconnects == 0 and kept == 10  # prefill + 9 decode steps; the stateless forward is not kept
+        # prefill + 9 decode steps; the stateless forward is not kept
+        assert first.reconnects == 0 and kept == 10
         tokens = []
 
         def on_token(token):

@@ -22,17 +22,30 @@ def start(tmp_path, port=0, **kw):
     if not tokens.exists():
         for name in ("alice", "bob"):
             (tmp_path / f"{name}.token").write_text(add_token(tokens, name))
-    config = ServerConfig(model="tiny-llama", port=port, checkpoint_dir=str(tmp_path / "runs"),
-                          checkpoint_every=2, **kw)
+    config = ServerConfig(
+        model="tiny-llama", port=port, checkpoint_dir=str(tmp_path / "runs"), checkpoint_every=2, **kw
+    )
     return start_background(build_servicer(config, tokens_file=str(tokens)))
 
 
 def open_run(srv, tmp_path, who="alice", run_id="r", resume_steps=()):
     token = (tmp_path / f"{who}.token").read_text()
-    transport = RemoteTransport(srv.address, token=token, wire_dtype="fp32", fingerprint=srv.servicer.fingerprint,
-                                retries=0)
-    return transport.open(SessionConfig(span=(1, 3), mode="train", lora=LORA, seed=7, lr=1e-2, max_length=8,
-                                        max_batch=1, run_id=run_id, resume_steps=tuple(resume_steps)))
+    transport = RemoteTransport(
+        srv.address, token=token, wire_dtype="fp32", fingerprint=srv.servicer.fingerprint, retries=0
+    )
+    return transport.open(
+        SessionConfig(
+            span=(1, 3),
+            mode="train",
+            lora=LORA,
+            seed=7,
+            lr=1e-2,
+            max_length=8,
+            max_batch=1,
+            run_id=run_id,
+            resume_steps=tuple(resume_steps),
+        )
+    )
 
 
 def train(session, steps, first=1):
@@ -81,7 +94,9 @@ def test_no_common_step_is_refused(tmp_path):
         wait_until(lambda: checkpoint_steps(run_dir(tmp_path)) == [2], timeout=10)
         with pytest.raises(RemoteError) as exc:
             open_run(srv, tmp_path, resume_steps=[3])
-        assert exc.value.code == grpc.StatusCode.FAILED_PRECONDITION and "no step in common" in exc.value.message
+        assert (
+            exc.value.code == grpc.StatusCode.FAILED_PRECONDITION and "no step in common" in exc.value.message
+        )
 
 
 def test_runs_belong_to_their_client(tmp_path):

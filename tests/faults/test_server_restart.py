@@ -40,21 +40,33 @@ def trainer(address: str, directory) -> ResilientTrainer:
     head, tail = load_part(SPEC, "head", 1, 1), load_part(SPEC, "tail", 1, 1)
     add_lora(head, LORA, seed=3)
     add_lora(tail, LORA, seed=3)
-    transport = RemoteTransport(address, wire_dtype="fp32", fingerprint=model_fingerprint(SPEC), retries=1,
-                                backoff=0.2)
+    transport = RemoteTransport(
+        address, wire_dtype="fp32", fingerprint=model_fingerprint(SPEC), retries=1, backoff=0.2
+    )
     defense = parse_defense("gaussian:0.01", hidden_size=64)  # noise draws must line up after a resume too
     client = SplitClient(head, tail, transport, (1, 3), defense=defense)
-    config = SessionConfig(span=(1, 3), mode="train", lora=LORA, seed=3, lr=1e-2, max_length=16, max_batch=2,
-                           run_id="week-long-job")
-    return ResilientTrainer(client, config, batches, ClientCheckpointer(directory, K), lr=1e-2,
-                            reconnect_timeout=240)
+    config = SessionConfig(
+        span=(1, 3),
+        mode="train",
+        lora=LORA,
+        seed=3,
+        lr=1e-2,
+        max_length=16,
+        max_batch=2,
+        run_id="week-long-job",
+    )
+    return ResilientTrainer(
+        client, config, batches, ClientCheckpointer(directory, K), lr=1e-2, reconnect_timeout=240
+    )
 
 
 def adapters(t: ResilientTrainer) -> dict[str, torch.Tensor]:
     body = t.client.train_session.adapter_state()[1]
-    return {**{f"head.{k}": v for k, v in lora_state_dict(t.client.head).items()},
-            **{f"tail.{k}": v for k, v in lora_state_dict(t.client.tail).items()},
-            **{f"body.{k}": v for k, v in body.items()}}
+    return {
+        **{f"head.{k}": v for k, v in lora_state_dict(t.client.head).items()},
+        **{f"tail.{k}": v for k, v in lora_state_dict(t.client.tail).items()},
+        **{f"body.{k}": v for k, v in body.items()},
+    }
 
 
 def identical(a: dict, b: dict) -> bool:
@@ -77,15 +89,18 @@ def test_sigkill_during_training_resumes_to_the_adapters_of_an_uninterrupted_run
                 proc.wait()
                 shutil.copytree(tmp_path / "server", tmp_path / "snap-server")
                 shutil.copytree(tmp_path / "client", tmp_path / "snap-client")
-                threading.Thread(target=lambda: servers.enter_context(server_process(SPEC, *serve, port=port)),
-                                 daemon=True).start()
+                threading.Thread(
+                    target=lambda: servers.enter_context(server_process(SPEC, *serve, port=port)), daemon=True
+                ).start()
 
         t.run(STEPS, on_step)
         assert killed.is_set() and t.recoveries == 1 and t.step == STEPS
         interrupted = adapters(t)
 
     # the same checkpoints, resumed on a server that is never interrupted
-    config = ServerConfig(model=SPEC, port=0, checkpoint_dir=str(tmp_path / "snap-server"), checkpoint_every=K)
+    config = ServerConfig(
+        model=SPEC, port=0, checkpoint_dir=str(tmp_path / "snap-server"), checkpoint_every=K
+    )
     with start_background(build_servicer(config)) as srv:
         ref = trainer(srv.address, tmp_path / "snap-client")
         assert ref.start(resume=True) == KILL_AT - KILL_AT % K  # the last common step
@@ -108,8 +123,14 @@ def test_server_restart_during_generation_gives_the_uninterrupted_output(tmp_pat
     mask[1, :3] = 0  # left padding in the second row
     with contextlib.ExitStack() as servers:
         address, proc = servers.enter_context(server_process(SPEC, port=port))
-        lm = SplitModelForCausalLM.from_pretrained(SPEC, server=address, head_layers=1, tail_layers=1,
-                                                   wire_dtype="fp16", defense=parse_defense("gaussian:0.01"))
+        lm = SplitModelForCausalLM.from_pretrained(
+            SPEC,
+            server=address,
+            head_layers=1,
+            tail_layers=1,
+            wire_dtype="fp16",
+            defense=parse_defense("gaussian:0.01"),
+        )
         torch.manual_seed(5)
         expected = lm.generate(ids, mask, max_new_tokens=16, eos_token_id=[])
         seen = []
@@ -119,8 +140,9 @@ def test_server_restart_during_generation_gives_the_uninterrupted_output(tmp_pat
             if len(seen) == 6:
                 proc.kill()
                 proc.wait()
-                threading.Thread(target=lambda: servers.enter_context(server_process(SPEC, port=port)),
-                                 daemon=True).start()
+                threading.Thread(
+                    target=lambda: servers.enter_context(server_process(SPEC, port=port)), daemon=True
+                ).start()
 
         torch.manual_seed(5)
         with caplog.at_level(logging.INFO, logger="fedsplit.client.resilience"):

@@ -10,14 +10,31 @@ from fedsplit.model.store import checkpoint_steps
 
 
 def cfg(out: Path, steps: int, **kw) -> TrainConfig:
-    return TrainConfig(model="tiny-llama", head_layers=1, tail_layers=1, task="sentiment", steps=steps, batch_size=2,
-                       lr=1e-2, max_length=48, max_examples=40, eval_examples=2, noise=0.01, wire_dtype="fp32",
-                       out=str(out), checkpoint_every=2, **kw)
+    return TrainConfig(
+        model="tiny-llama",
+        head_layers=1,
+        tail_layers=1,
+        task="sentiment",
+        steps=steps,
+        batch_size=2,
+        lr=1e-2,
+        max_length=48,
+        max_examples=40,
+        eval_examples=2,
+        noise=0.01,
+        wire_dtype="fp32",
+        out=str(out),
+        checkpoint_every=2,
+        **kw,
+    )
 
 
 def adapters(out: Path) -> dict[str, torch.Tensor]:
-    return {f"{part}.{k}": v for part in ("head", "body", "tail")
-            for k, v in load_file(str(out / part / "adapter_model.safetensors")).items()}
+    return {
+        f"{part}.{k}": v
+        for part in ("head", "body", "tail")
+        for k, v in load_file(str(out / part / "adapter_model.safetensors")).items()
+    }
 
 
 def test_resumed_local_run_equals_an_uninterrupted_one(tmp_path):

@@ -38,7 +38,8 @@ def test_vanished_clients_sessions_are_freed_after_the_ttl_and_others_are_unaffe
     with start_background(build_servicer(config)) as srv:
         servicer = srv.servicer
         other = RemoteTransport(srv.address, wire_dtype="fp32", fingerprint=fingerprint, retries=0).open(
-            SessionConfig(span=(1, 3), mode="train", lora=LoraSettings(rank=2), seed=1, max_length=8))
+            SessionConfig(span=(1, 3), mode="train", lora=LoraSettings(rank=2), seed=1, max_length=8)
+        )
         probe = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(0))
         zero = torch.zeros(1, dtype=torch.long)
         expected = other.forward(0, probe, zero)
@@ -61,8 +62,11 @@ def test_vanished_clients_sessions_are_freed_after_the_ttl_and_others_are_unaffe
         worker = threading.Thread(target=keep_working, daemon=True)
         worker.start()
         baseline = dict(servicer._reserved)
-        proc = subprocess.Popen([sys.executable, "-c", DOOMED, srv.address, fingerprint], stdout=subprocess.PIPE,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            [sys.executable, "-c", DOOMED, srv.address, fingerprint],
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         try:
             assert proc.stdout.readline().strip() == b"ready"
             doomed = [s for s in servicer.sessions.values() if s.id != other.id]

@@ -135,8 +135,9 @@ def test_client_batch_over_grpc_trains_the_body_like_one_client_with_the_union(s
 def _open_round_alone(client):
     """``client``'s forward of step 1, sent while it is the only one attached: a round of its own."""
     batch = client_batch(0, 0)
-    out = client.train_session.forward(1, client.head(batch["input_ids"], batch["pad_lengths"]),
-                                       batch["pad_lengths"], 0)
+    out = client.train_session.forward(
+        1, client.head(batch["input_ids"], batch["pad_lengths"]), batch["pad_lengths"], 0
+    )
     return torch.ones_like(out)
 
 
@@ -275,6 +276,5 @@ def test_fedsplit_train_clients_join_the_servers_mode_and_fedavg_rounds(serve):
     assert a.keys() == b.keys() and a
     for key in a:
         assert torch.allclose(a[key], b[key]), key
-    assert srv.servicer.coordinator.optimizer.param_groups[0]["lr"] == pytest.approx(
-        2e-2
-    )  # --body-lr, ramped up
+    body_lr = srv.servicer.coordinator.optimizer.param_groups[0]["lr"]
+    assert body_lr == pytest.approx(2e-2)  # --body-lr, ramped up

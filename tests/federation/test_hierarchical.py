@@ -22,7 +22,8 @@ async def _queued_forwards(servicer, sessions, clients=CLIENTS):
     gate = threading.Event()
     servicer.executor.submit(gate.wait, 10)
     tasks = [
-        asyncio.create_task(servicer.coordinator.forward(s, 1, h, p, 0)) for s, (h, p) in zip(sessions, clients)
+        asyncio.create_task(servicer.coordinator.forward(s, 1, h, p, 0))
+        for s, (h, p) in zip(sessions, clients)
     ]
     await asyncio.sleep(0.2)
     gate.set()
@@ -43,7 +44,8 @@ def test_queued_replica_forwards_run_as_one_pass_and_train_each_replica_as_if_al
         return outs, grad_ins
 
     outs, grad_ins = run(train_step())
-    assert coord.passes == 1 and coord.joint_rows == sum(h.shape[0] for h, _ in clients)  # one pass, 3 replicas
+    # one pass, 3 replicas
+    assert coord.passes == 1 and coord.joint_rows == sum(h.shape[0] for h, _ in clients)
 
     for i, ((hidden, pad), seed) in enumerate(zip(clients, SEEDS)):
         alone = make_servicer("independent")
@@ -55,7 +57,9 @@ def test_queued_replica_forwards_run_as_one_pass_and_train_each_replica_as_if_al
         assert torch.allclose(outs[i][real], want_out[real], atol=1e-5)
         assert torch.allclose(grad_ins[i][real], want_grad_in[real], rtol=1e-4, atol=1e-6)
         want, got = alone.pool.state_dict(solo.adapter), servicer.pool.state_dict(sessions[i].adapter)
-        assert any(not torch.equal(v, servicer.pool.state_dict(sessions[i - 1].adapter)[k]) for k, v in got.items())
+        assert any(
+            not torch.equal(v, servicer.pool.state_dict(sessions[i - 1].adapter)[k]) for k, v in got.items()
+        )
         for key in want:
             assert torch.allclose(got[key], want[key], atol=1e-6), key
 
@@ -78,7 +82,8 @@ def test_a_replica_pass_goes_ahead_without_a_client_that_left(make_servicer, cap
     assert waited < 5  # not the 30 s round timeout
     assert "left mid-round" in caplog.text
     assert [g.shape for g in grad_ins] == [h.shape for h, _ in CLIENTS[:2]]
-    assert all(p.grad is None or not p.grad.any() for p in servicer.pool.parameters(sessions[2].adapter))  # no update
+    no_update = servicer.pool.parameters(sessions[2].adapter)
+    assert all(p.grad is None or not p.grad.any() for p in no_update)
     assert any(p.grad is not None and p.grad.any() for p in servicer.pool.parameters(sessions[0].adapter))
 
 

@@ -216,6 +216,7 @@ def test_a_forward_outdated_by_another_clients_step_is_refused_cleanly(make_serv
     with pytest.raises(SessionError) as err:
         a.backward(1, torch.ones_like(out_a))
     assert err.value.code == "FAILED_PRECONDITION"
-    assert all(p.grad is None for p in servicer.pool.parameters(a.adapter))  # nothing leaked into the shared grads
+    # nothing leaked into the shared grads
+    assert all(p.grad is None for p in servicer.pool.parameters(a.adapter))
     again = a.forward(2, hidden, pad, 0)  # a new forward on the updated weights trains normally
     assert a.backward(2, torch.ones_like(again)).shape == hidden.shape

@@ -67,9 +67,8 @@ def test_token_bucket_keeps_the_long_run_rate():
     start = bucket.stamp
     departures = [bucket.departure(100, now=start) for _ in range(10)]
     assert departures == sorted(departures)
-    assert departures[-1] - start == pytest.approx(
-        0.9
-    )  # 1000 bytes at 1000 B/s, the first 100 from the burst
+    # 1000 bytes at 1000 B/s, the first 100 from the burst
+    assert departures[-1] - start == pytest.approx(0.9)
 
 
 def test_proxy_refuses_a_target_off_loopback():

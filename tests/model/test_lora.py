@@ -51,7 +51,9 @@ def centralized(tiny):
 
 
 def lm_loss(logits, labels):
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+    )
 
 
 @pytest.mark.parametrize("p,q", [(1, 1), (2, 1), (0, 2)])
@@ -63,9 +65,7 @@ def test_split_lora_gradients_equal_centralized(centralized, padded_batch, p, q)
 
     loss = lm_loss(lora_model(ids, attention_mask=mask, position_ids=positions).logits, labels)
     loss.backward()
-    expected = {
-        k.removeprefix("model."): p_.grad for k, p_ in lora_model.named_parameters() if "lora_" in k
-    }
+    expected = {k.removeprefix("model."): p_.grad for k, p_ in lora_model.named_parameters() if "lora_" in k}
 
     parts = split_with_lora(base, p, q, lora_model)
     # Hand hidden states and their gradients across "the network" by hand.
@@ -94,7 +94,9 @@ def test_only_lora_weights_are_trainable(tiny):
     parts = split(model, 1, 1)
     for segment in (parts.head, parts.body, parts.tail):
         add_lora(segment, SETTINGS)
-    trainable = [n for s in (parts.head, parts.body, parts.tail) for n, p in s.named_parameters() if p.requires_grad]
+    trainable = [
+        n for s in (parts.head, parts.body, parts.tail) for n, p in s.named_parameters() if p.requires_grad
+    ]
     assert trainable and all("lora_" in n for n in trainable)
     # 4 target modules x 2 matrices x 4 layers
     assert len(trainable) == 4 * 2 * 4

@@ -71,8 +71,13 @@ def test_incremental_decoding_through_three_caches_matches_unsplit(tiny, p, q):
     mask = (torch.arange(8)[None] >= pad[:, None]).long()
     with torch.no_grad():
         ref = model.generate(
-            ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0,
-            return_dict_in_generate=True, output_logits=True,
+            ids,
+            attention_mask=mask,
+            max_new_tokens=16,
+            do_sample=False,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+            output_logits=True,
         )
         parts = split(model, p, q)
         caches = parts.new_caches()

@@ -30,7 +30,9 @@ def test_decode_steps_of_sessions_with_different_cache_lengths_batch_exactly():
     # the caches split back correctly: a further solo step still matches
     nxt = torch.randn(1, 1, 64)
     for a, t in zip(alone, together):
-        assert (a.forward(2, nxt, zero, a.cache.length) - t.forward(2, nxt, zero, t.cache.length)).abs().max() <= 1e-5
+        assert (
+            a.forward(2, nxt, zero, a.cache.length) - t.forward(2, nxt, zero, t.cache.length)
+        ).abs().max() <= 1e-5
 
 
 def test_bad_step_in_a_batch_fails_alone():

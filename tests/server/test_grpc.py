@@ -23,7 +23,9 @@ def make_client(address, p, q, fingerprint, wire_dtype="fp32", token=None, lora=
         torch.manual_seed(5)
         add_lora(head, LORA)
         add_lora(tail, LORA)
-    transport = RemoteTransport(address, token=token, wire_dtype=wire_dtype, fingerprint=fingerprint, retries=0)
+    transport = RemoteTransport(
+        address, token=token, wire_dtype=wire_dtype, fingerprint=fingerprint, retries=0
+    )
     return SplitClient(head, tail, transport, (p, 4 - q))
 
 
@@ -40,7 +42,9 @@ def test_generation_over_grpc_equals_unsplit_model(server, fingerprint, tiny):
     model.generation_config.eos_token_id = None
     b = batch()
     mask = (torch.arange(9)[None] >= b["pad_lengths"][:, None]).long()
-    expected = model.generate(b["input_ids"], attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    expected = model.generate(
+        b["input_ids"], attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0
+    )
     client = make_client(server.address, 1, 1, fingerprint)
     got = client.generate(b["input_ids"], b["pad_lengths"], max_new_tokens=12)
     assert torch.equal(got, expected[:, 9:])
@@ -49,7 +53,9 @@ def test_generation_over_grpc_equals_unsplit_model(server, fingerprint, tiny):
 def test_train_step_over_grpc_gives_in_process_gradients(server, fingerprint):
     remote = make_client(server.address, 1, 1, fingerprint, lora=True)
     local_body = load_part(SPEC, "body", 1, 1)
-    local = SplitClient(copy.deepcopy(remote.head), copy.deepcopy(remote.tail), LocalTransport(local_body), (1, 3))
+    local = SplitClient(
+        copy.deepcopy(remote.head), copy.deepcopy(remote.tail), LocalTransport(local_body), (1, 3)
+    )
     config = SessionConfig(span=(1, 3), mode="train", lora=LORA, max_batch=2, max_length=64)
     torch.manual_seed(11)
     remote.start_training(config)
@@ -68,7 +74,9 @@ def test_train_step_over_grpc_gives_in_process_gradients(server, fingerprint):
 
 def test_body_lr_warmup_travels_with_the_session_and_ramps_the_servers_lr(server, fingerprint):
     client = make_client(server.address, 1, 1, fingerprint, lora=True)
-    config = SessionConfig(span=(1, 3), mode="train", lora=LORA, lr=0.03, warmup_steps=3, max_batch=2, max_length=64)
+    config = SessionConfig(
+        span=(1, 3), mode="train", lora=LORA, lr=0.03, warmup_steps=3, max_batch=2, max_length=64
+    )
     client.start_training(config)
     session = next(iter(server.servicer.sessions.values()))
     assert session.config.warmup_steps == 3
@@ -85,13 +93,18 @@ def test_two_clients_with_different_partitions_work_at_once(server, fingerprint)
     def work(name, p, q):
         try:
             client = make_client(server.address, p, q, fingerprint, lora=True)
-            client.start_training(SessionConfig(span=(p, 4 - q), mode="train", lora=LORA, max_batch=2, max_length=64))
+            client.start_training(
+                SessionConfig(span=(p, 4 - q), mode="train", lora=LORA, max_batch=2, max_length=64)
+            )
             losses = [client.train_step(batch()).loss for _ in range(3)]
             results[name] = (losses, client.generate(batch()["input_ids"], batch()["pad_lengths"], 5))
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=("a", 1, 1)), threading.Thread(target=work, args=("b", 2, 0))]
+    threads = [
+        threading.Thread(target=work, args=("a", 1, 1)),
+        threading.Thread(target=work, args=("b", 2, 0)),
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -10,9 +10,28 @@ from fedsplit.bench.procs import server_process
 def test_serve_process_streams_generation_and_exits_cleanly_on_sigterm():
     with server_process("tiny-llama", "--memory-budget", "64MiB") as (address, proc):
         out = subprocess.run(
-            [sys.executable, "-m", "fedsplit.cli.main", "generate", "--server", address, "--model", "tiny-llama",
-             "--head-layers", "1", "--tail-layers", "1", "--prompt", "hello", "--max-new-tokens", "4", "--stream"],
-            capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "fedsplit.cli.main",
+                "generate",
+                "--server",
+                address,
+                "--model",
+                "tiny-llama",
+                "--head-layers",
+                "1",
+                "--tail-layers",
+                "1",
+                "--prompt",
+                "hello",
+                "--max-new-tokens",
+                "4",
+                "--stream",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert out.returncode == 0, out.stderr
         proc.send_signal(signal.SIGTERM)

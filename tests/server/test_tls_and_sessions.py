@@ -23,18 +23,29 @@ def self_signed(tmp_path):
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return str(cert_path), str(key_path)
 
 
@@ -42,8 +53,9 @@ def test_generation_over_tls(tmp_path):
     cert, key = self_signed(tmp_path)
     servicer = build_servicer(ServerConfig(model="tiny-llama", port=0))
     with start_background(servicer, tls_cert=cert, tls_key=key) as srv:
-        lm = SplitModelForCausalLM.from_pretrained("tiny-llama", server=srv.address, head_layers=1, tail_layers=1,
-                                                   tls_ca=cert, wire_dtype="fp32")
+        lm = SplitModelForCausalLM.from_pretrained(
+            "tiny-llama", server=srv.address, head_layers=1, tail_layers=1, tls_ca=cert, wire_dtype="fp32"
+        )
         ids = torch.randint(10, 250, (1, 6))
         out = lm.generate(ids, max_new_tokens=4, eos_token_id=[])
         local = SplitModelForCausalLM.from_pretrained("tiny-llama", head_layers=1, tail_layers=1)
@@ -58,8 +70,9 @@ def test_generation_over_tls(tmp_path):
 
 def test_inference_session_keeps_server_cache_across_turns(server, tiny):
     model, _ = tiny
-    lm = SplitModelForCausalLM.from_pretrained("tiny-llama", server=server.address, head_layers=1, tail_layers=1,
-                                               wire_dtype="fp32")
+    lm = SplitModelForCausalLM.from_pretrained(
+        "tiny-llama", server=server.address, head_layers=1, tail_layers=1, wire_dtype="fp32"
+    )
     turn1, turn2 = torch.randint(10, 250, (1, 5)), torch.randint(10, 250, (1, 3))
     with lm.inference_session(max_length=64) as chat:
         a = chat.generate(turn1, max_new_tokens=4, eos_token_id=[])
@@ -77,6 +90,8 @@ def test_inference_session_keeps_server_cache_across_turns(server, tiny):
 
 
 def test_chat_applies_template_and_batches_prompts_of_different_lengths(server):
-    lm = SplitModelForCausalLM.from_pretrained("tiny-llama", server=server.address, head_layers=1, tail_layers=1)
+    lm = SplitModelForCausalLM.from_pretrained(
+        "tiny-llama", server=server.address, head_layers=1, tail_layers=1
+    )
     replies = lm.chat(["hi", "a much longer prompt than the first"], max_new_tokens=3)
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)

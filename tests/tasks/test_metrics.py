@@ -151,7 +151,9 @@ def _causal_random_model(vocab: int, seed: int = 0):
     return logits_fn
 
 
-@pytest.mark.parametrize("words, one_token", [(["a", "b", "c"], True), (["negative", "neutral", "positive"], False)])
+@pytest.mark.parametrize(
+    "words, one_token", [(["a", "b", "c"], True), (["negative", "neutral", "positive"], False)]
+)
 def test_label_word_predictions_equal_full_answer_scoring(chat_tokenizer, words, one_token):
     from fedsplit.tasks.metrics import (
         _label_word_encoding,

@@ -25,15 +25,29 @@ def run_demo(model: str, steps: int, batch_size: int, noise: float, eval_example
     started = time.perf_counter()
     console.rule("[bold]fedsplit demo")
     with server_process(model) as (address, _):
-        console.print(f"server: `fedsplit serve --model {model}` on {address} (holds the body; never sees text)")
+        console.print(
+            f"server: `fedsplit serve --model {model}` on {address} (holds the body; never sees text)"
+        )
         cfg = TrainConfig(
-            model=model, server=address, head_layers=2, tail_layers=2, task="sentiment", steps=steps,
-            batch_size=batch_size, lr=3e-4, max_length=96, noise=noise, noise_relative=True,
-            eval_examples=eval_examples, out=str(out),
+            model=model,
+            server=address,
+            head_layers=2,
+            tail_layers=2,
+            task="sentiment",
+            steps=steps,
+            batch_size=batch_size,
+            lr=3e-4,
+            max_length=96,
+            noise=noise,
+            noise_relative=True,
+            eval_examples=eval_examples,
+            out=str(out),
         )
         client = build_client(cfg)
-        console.print(f"client: head = embedding + blocks [0, 2), tail = blocks [{client.span[1]}, "
-                      f"{client.span[1] + 2}) + LM head; noise {noise} x RMS on every hidden state sent")
+        console.print(
+            f"client: head = embedding + blocks [0, 2), tail = blocks [{client.span[1]}, "
+            f"{client.span[1] + 2}) + LM head; noise {noise} x RMS on every hidden state sent"
+        )
         summary = run_training(cfg, client, evaluate_before=True)
         traffic = client.transport.traffic
 
@@ -42,14 +56,18 @@ def run_demo(model: str, steps: int, batch_size: int, noise: float, eval_example
         lm = SplitModelForCausalLM(client, tokenizer, model, 2, 2)
         ids, pad = lm.encode_chat([QUESTION])
         settings, state = client.train_session.adapter_state()
-        session = client.transport.open(SessionConfig(span=client.span, mode="generate", max_length=ids.shape[1] + 48))
+        session = client.transport.open(
+            SessionConfig(span=client.span, mode="generate", max_length=ids.shape[1] + 48)
+        )
         session.put_adapter(settings, state)
         traffic.reset()
         with torch.no_grad():
             new = client.generate(ids, pad, 1, tokenizer.eos_token_id, session=session)
         prefill_bytes = traffic.sent + traffic.received
         session.close()
-        session = client.transport.open(SessionConfig(span=client.span, mode="generate", max_length=ids.shape[1] + 48))
+        session = client.transport.open(
+            SessionConfig(span=client.span, mode="generate", max_length=ids.shape[1] + 48)
+        )
         session.put_adapter(settings, state)
         traffic.reset()
         with torch.no_grad():

@@ -19,26 +19,49 @@ PROMPT = "Write a short story about a robot who learns to paint. Describe the co
 
 
 def _long_prompt(tokenizer, length: int) -> torch.Tensor:
-    words = ("The history of the river valley is long and full of change. " * 200)
+    words = "The history of the river valley is long and full of change. " * 200
     ids = tokenizer(words)["input_ids"][:length]
     return torch.tensor([ids])
 
 
-def run(model: str = "smollm2-135m", new_tokens: int = 128, head_layers: int = 2, tail_layers: int = 2,
-        wire_dtype: str = "fp16", long_context: int = 512, no_cache_tokens: int = 8) -> dict:
+def run(
+    model: str = "smollm2-135m",
+    new_tokens: int = 128,
+    head_layers: int = 2,
+    tail_layers: int = 2,
+    wire_dtype: str = "fp16",
+    long_context: int = 512,
+    no_cache_tokens: int = 8,
+) -> dict:
     """Measure everything side by side; returns one flat dict of figures."""
     tokenizer = load_tokenizer(model)
-    ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
-                                                      add_generation_prompt=True, tokenize=True,
-                                                      return_dict=True)["input_ids"]])
+    ids = torch.tensor(
+        [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": PROMPT}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )["input_ids"]
+        ]
+    )
     full, _ = load_model(model)
     full.generation_config.eos_token_id = None  # always generate exactly new_tokens
     n = num_layers(full.config)
     span = body_span(n, head_layers, tail_layers)
-    head, tail = load_part(model, "head", head_layers, tail_layers), load_part(model, "tail", head_layers, tail_layers)
+    head, tail = (
+        load_part(model, "head", head_layers, tail_layers),
+        load_part(model, "tail", head_layers, tail_layers),
+    )
     hidden = int(full.config.hidden_size)
-    figures: dict = {"model": model, "new_tokens": new_tokens, "head_layers": head_layers,
-                     "tail_layers": tail_layers, "wire_dtype": wire_dtype, "hidden_size": hidden}
+    figures: dict = {
+        "model": model,
+        "new_tokens": new_tokens,
+        "head_layers": head_layers,
+        "tail_layers": tail_layers,
+        "wire_dtype": wire_dtype,
+        "hidden_size": hidden,
+    }
     with server_process(model) as (address, _):
         transport = RemoteTransport(address, wire_dtype=wire_dtype, fingerprint=model_fingerprint(model))
         client = SplitClient(head, tail, transport, span)
@@ -84,8 +107,11 @@ def run(model: str = "smollm2-135m", new_tokens: int = 128, head_layers: int = 2
             steps = no_cache_tokens
             stamps: list[float] = []
             cached_steps = 32  # cheap: time more of them
-            client.generate(long_ids, max_new_tokens=cached_steps + 1,
-                            on_token=lambda _: stamps.append(time.perf_counter()))
+            client.generate(
+                long_ids,
+                max_new_tokens=cached_steps + 1,
+                on_token=lambda _: stamps.append(time.perf_counter()),
+            )
             # The first token comes after the prefill; the rest are cached decode steps at this context.
             cached_per_token = (stamps[-1] - stamps[0]) / cached_steps
             t = time.perf_counter()

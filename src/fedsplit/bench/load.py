@@ -58,7 +58,8 @@ class _TimedSession:
         start = time.perf_counter()
         out = self.session.forward(step_id, hidden, pad_lengths, offset, **kwargs)
         (self.tally.token_latency if hidden.shape[1] == 1 else self.tally.prefill_latency).append(
-            time.perf_counter() - start)
+            time.perf_counter() - start
+        )
         return out
 
     def close(self) -> None:
@@ -74,9 +75,17 @@ def _gen_client(address, fingerprint, head, tail, span, cfg, tally, deadline, se
         while time.monotonic() < deadline:
             ids = torch.randint(10, vocab, (1, cfg["prompt_tokens"]), generator=gen)
             try:
-                session = _TimedSession(transport.open(SessionConfig(
-                    span=span, mode="generate", max_length=cfg["prompt_tokens"] + cfg["new_tokens"], max_batch=1)),
-                    tally)
+                session = _TimedSession(
+                    transport.open(
+                        SessionConfig(
+                            span=span,
+                            mode="generate",
+                            max_length=cfg["prompt_tokens"] + cfg["new_tokens"],
+                            max_batch=1,
+                        )
+                    ),
+                    tally,
+                )
                 try:
                     out = client.generate(ids, max_new_tokens=cfg["new_tokens"], session=session)
                 finally:
@@ -105,8 +114,10 @@ def _train_client(address, fingerprint, head, tail, span, cfg, tally, deadline, 
     vocab = int(head.config.vocab_size)
     labelled = min(16, length - 1)  # an answer at the end of each example, as in instruction tuning
     try:
-        client.start_training(SessionConfig(span=span, mode="train", max_length=length, max_batch=batch, lora=lora,
-                                            seed=seed), lr=1e-4)
+        client.start_training(
+            SessionConfig(span=span, mode="train", max_length=length, max_batch=batch, lora=lora, seed=seed),
+            lr=1e-4,
+        )
         while time.monotonic() < deadline:
             ids = torch.randint(10, vocab, (batch, length), generator=gen)
             labels = ids.clone()
@@ -152,10 +163,21 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000 if values else float("nan")
 
 
-def run(model: str = "smollm2-135m", gen_clients: int = 32, train_clients: int = 8, seconds: float = 120.0,
-        head_layers: int = 2, tail_layers: int = 2, wire_dtype: str = "fp16", prompt_tokens: int = 32,
-        new_tokens: int = 32, train_batch: int = 2, train_length: int = 64, memory_budget: str = "4GiB",
-        client_threads: int = 1) -> dict:
+def run(
+    model: str = "smollm2-135m",
+    gen_clients: int = 32,
+    train_clients: int = 8,
+    seconds: float = 120.0,
+    head_layers: int = 2,
+    tail_layers: int = 2,
+    wire_dtype: str = "fp16",
+    prompt_tokens: int = 32,
+    new_tokens: int = 32,
+    train_batch: int = 2,
+    train_length: int = 64,
+    memory_budget: str = "4GiB",
+    client_threads: int = 1,
+) -> dict:
     """Run the load and return one flat dict of figures (latencies in ms, memory in MiB)."""
     torch.set_num_threads(client_threads)  # the clients share the machine with the server
     n = num_layers(load_config(model))
@@ -164,8 +186,13 @@ def run(model: str = "smollm2-135m", gen_clients: int = 32, train_clients: int =
     for module in (head, tail):
         module.eval().requires_grad_(False)
     fingerprint = model_fingerprint(model)
-    cfg = {"wire_dtype": wire_dtype, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-           "train_batch": train_batch, "train_length": train_length}
+    cfg = {
+        "wire_dtype": wire_dtype,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "train_batch": train_batch,
+        "train_length": train_length,
+    }
     budget = _parse_size(memory_budget)
     with server_process(model, "--memory-budget", memory_budget) as (address, proc):
         sampler = _RssSampler(proc.pid)
@@ -173,12 +200,24 @@ def run(model: str = "smollm2-135m", gen_clients: int = 32, train_clients: int =
         idle_rss = psutil.Process(proc.pid).memory_info().rss
         tally = Tally()
         deadline = time.monotonic() + seconds
-        threads = [threading.Thread(target=_gen_client, name=f"gen{i}", daemon=True,
-                                    args=(address, fingerprint, head, tail, span, cfg, tally, deadline, 1000 + i))
-                   for i in range(gen_clients)]
-        threads += [threading.Thread(target=_train_client, name=f"train{i}", daemon=True,
-                                     args=(address, fingerprint, head, tail, span, cfg, tally, deadline, 2000 + i))
-                    for i in range(train_clients)]
+        threads = [
+            threading.Thread(
+                target=_gen_client,
+                name=f"gen{i}",
+                daemon=True,
+                args=(address, fingerprint, head, tail, span, cfg, tally, deadline, 1000 + i),
+            )
+            for i in range(gen_clients)
+        ]
+        threads += [
+            threading.Thread(
+                target=_train_client,
+                name=f"train{i}",
+                daemon=True,
+                args=(address, fingerprint, head, tail, span, cfg, tally, deadline, 2000 + i),
+            )
+            for i in range(train_clients)
+        ]
         started = time.monotonic()
         for t in threads:
             t.start()
@@ -192,23 +231,46 @@ def run(model: str = "smollm2-135m", gen_clients: int = 32, train_clients: int =
     if tally.errors:
         log.warning("%d client errors, first: %s", len(tally.errors), tally.errors[0])
     return {
-        "model": model, "gen_clients": gen_clients, "train_clients": train_clients, "seconds": round(elapsed, 1),
-        "span": f"{span[0]}:{span[1]}", "wire_dtype": wire_dtype,
-        "gen_token_p50_ms": _pct(tally.token_latency, 50), "gen_token_p99_ms": _pct(tally.token_latency, 99),
-        "gen_prefill_p50_ms": _pct(tally.prefill_latency, 50), "gen_prefill_p99_ms": _pct(tally.prefill_latency, 99),
-        "gen_tokens": tally.tokens, "gen_tokens_per_s": tally.tokens / elapsed, "generations": tally.generations,
-        "train_step_p50_ms": _pct(tally.step_latency, 50), "train_step_p99_ms": _pct(tally.step_latency, 99),
-        "train_steps": tally.steps, "train_steps_per_s": tally.steps / elapsed,
+        "model": model,
+        "gen_clients": gen_clients,
+        "train_clients": train_clients,
+        "seconds": round(elapsed, 1),
+        "span": f"{span[0]}:{span[1]}",
+        "wire_dtype": wire_dtype,
+        "gen_token_p50_ms": _pct(tally.token_latency, 50),
+        "gen_token_p99_ms": _pct(tally.token_latency, 99),
+        "gen_prefill_p50_ms": _pct(tally.prefill_latency, 50),
+        "gen_prefill_p99_ms": _pct(tally.prefill_latency, 99),
+        "gen_tokens": tally.tokens,
+        "gen_tokens_per_s": tally.tokens / elapsed,
+        "generations": tally.generations,
+        "train_step_p50_ms": _pct(tally.step_latency, 50),
+        "train_step_p99_ms": _pct(tally.step_latency, 99),
+        "train_steps": tally.steps,
+        "train_steps_per_s": tally.steps / elapsed,
         "train_examples_per_s": tally.examples / elapsed,
-        "errors": len(tally.errors), "clients_hung": hung, "server_alive": server_alive,
-        "server_idle_rss_mib": idle_rss / 2**20, "server_peak_rss_mib": sampler.peak / 2**20,
-        "server_peak_growth_mib": (sampler.peak - idle_rss) / 2**20, "memory_budget_mib": budget / 2**20,
+        "errors": len(tally.errors),
+        "clients_hung": hung,
+        "server_alive": server_alive,
+        "server_idle_rss_mib": idle_rss / 2**20,
+        "server_peak_rss_mib": sampler.peak / 2**20,
+        "server_peak_growth_mib": (sampler.peak - idle_rss) / 2**20,
+        "memory_budget_mib": budget / 2**20,
         "first_error": tally.errors[0][:200] if tally.errors else "",
     }
 
 
 def _parse_size(text: str) -> int:
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1, "": 1}
+    units = {
+        "kib": 1 << 10,
+        "mib": 1 << 20,
+        "gib": 1 << 30,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "b": 1,
+        "": 1,
+    }
     t = text.strip().lower()
     number = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    return int(float(number) * units[t[len(number):]])
+    return int(float(number) * units[t[len(number) :]])

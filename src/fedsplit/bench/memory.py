@@ -29,8 +29,12 @@ print(json.dumps({"rss": proc.memory_info().rss, "baseline": before, "params": p
 def run(model: str = "smollm2-135m", head_layers: int = 2, tail_layers: int = 2) -> dict:
     figures: dict = {"model": model, "head_layers": head_layers, "tail_layers": tail_layers}
     for role in ("unsplit", "server", "client"):
-        out = subprocess.run([sys.executable, "-c", _PROBE, model, role, str(head_layers), str(tail_layers)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE, model, role, str(head_layers), str(tail_layers)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         probe = json.loads(out.stdout.strip().splitlines()[-1])
         figures[f"{role}_rss_mib"] = probe["rss"] / 2**20
         figures[f"{role}_params_m"] = probe["params"] / 1e6

@@ -40,16 +40,31 @@ QUICK_GRID = {
 }
 FULL_GRID = {
     "attacks": ["vmi", "learned"],
-    "defenses": ["none", "gaussian:0.25:relative", "gaussian:1:relative", "gaussian:4:relative",
-                 "laplace:1:relative", "sparsify:0.1", "dp:clip=50,sigma=0.05", "dx:20"],
+    "defenses": [
+        "none",
+        "gaussian:0.25:relative",
+        "gaussian:1:relative",
+        "gaussian:4:relative",
+        "laplace:1:relative",
+        "sparsify:0.1",
+        "dp:clip=50,sigma=0.05",
+        "dx:20",
+    ],
     # the learned attacker trains an inverter per (p, defence): the strongest defences only
-    "defenses_of": {"learned": ["none", "gaussian:1:relative", "gaussian:4:relative", "dp:clip=50,sigma=0.05"]},
+    "defenses_of": {
+        "learned": ["none", "gaussian:1:relative", "gaussian:4:relative", "dp:clip=50,sigma=0.05"]
+    },
     "head_layers": [1, 2, 4],
     "n": 32,
     "utility_n": 48,
     "extra": [("relaxation", 1, "none"), ("relaxation", 1, "gaussian:1:relative")],
-    "label_defenses": ["none", "gaussian:0.03:relative", "gaussian:0.1:relative", "gaussian:0.3:relative",
-                       "gaussian:1:relative"],
+    "label_defenses": [
+        "none",
+        "gaussian:0.03:relative",
+        "gaussian:0.1:relative",
+        "gaussian:0.3:relative",
+        "gaussian:1:relative",
+    ],
     "label_n": 64,
     "quick": False,
 }
@@ -70,8 +85,15 @@ def _task(name: str, seed: int):
     return load_task(name, seed=seed)
 
 
-def utility(spec: str, head_layers: int, defense_spec: str | None, task: str = "sentiment", n: int = 48,
-            seed: int = 0, tail_layers: int = 2) -> dict:
+def utility(
+    spec: str,
+    head_layers: int,
+    defense_spec: str | None,
+    task: str = "sentiment",
+    n: int = 48,
+    seed: int = 0,
+    tail_layers: int = 2,
+) -> dict:
     """Task metrics of the split base model with ``defense_spec`` on what the client sends.
 
     ``nll`` of the answers; on a classification task also ``accuracy`` and ``macro_f1``.
@@ -87,8 +109,9 @@ def utility(spec: str, head_layers: int, defense_spec: str | None, task: str = "
     task_obj = _task(task, seed)
     examples = task_obj.test[:n]
     torch.manual_seed(seed)
-    scores = answer_log_likelihoods([encode_example(tokenizer, ex, 128) for ex in examples], client.logits,
-                                    pad_id_of(tokenizer))
+    scores = answer_log_likelihoods(
+        [encode_example(tokenizer, ex, 128) for ex in examples], client.logits, pad_id_of(tokenizer)
+    )
     nll = -sum(s for s, _ in scores) / max(sum(c for _, c in scores), 1)
     result = {"nll": nll}
     if task_obj.label_words:
@@ -96,9 +119,18 @@ def utility(spec: str, head_layers: int, defense_spec: str | None, task: str = "
     return result
 
 
-def attack_with_cost(attack: str, defense: str | None, head_layers: int = 2, task: str = "sentiment",
-                     n: int = 200, spec: str = "smollm2-135m", seed: int = 0, quick: bool = False,
-                     utility_n: int = 48, grad_defense: str | None = None) -> dict:
+def attack_with_cost(
+    attack: str,
+    defense: str | None,
+    head_layers: int = 2,
+    task: str = "sentiment",
+    n: int = 200,
+    spec: str = "smollm2-135m",
+    seed: int = 0,
+    quick: bool = False,
+    utility_n: int = 48,
+    grad_defense: str | None = None,
+) -> dict:
     """`fedsplit attack`: the attack's scores plus the defence's utility cost (vs no defence).
 
     ``grad_defense`` (label attack only) is the defence on the gradient the client sends; its cost
@@ -106,13 +138,26 @@ def attack_with_cost(attack: str, defense: str | None, head_layers: int = 2, tas
     """
     if grad_defense not in (None, "none") and attack != "label":
         raise ValueError("--grad-defense applies to the label attack only (the gradient is what it observes)")
-    result = evaluate_attack(attack, spec=spec, head_layers=head_layers, defense_spec=defense, task=task, n=n,
-                             seed=seed, quick=quick, grad_defense_spec=grad_defense)
+    result = evaluate_attack(
+        attack,
+        spec=spec,
+        head_layers=head_layers,
+        defense_spec=defense,
+        task=task,
+        n=n,
+        seed=seed,
+        quick=quick,
+        grad_defense_spec=grad_defense,
+    )
     row = result.as_dict()
     if attack == "label":
-        row.update({f"utility_{k}": v for k, v in gradient_utility(spec, grad_defense, task, seed=seed).items()})
+        row.update(
+            {f"utility_{k}": v for k, v in gradient_utility(spec, grad_defense, task, seed=seed).items()}
+        )
     clean = utility(spec, head_layers, None, task, utility_n, seed)
-    defended = utility(spec, head_layers, defense, task, utility_n, seed) if defense not in (None, "none") else clean
+    defended = (
+        utility(spec, head_layers, defense, task, utility_n, seed) if defense not in (None, "none") else clean
+    )
     for key in clean:
         row[f"utility_{key}"] = defended[key]
         row[f"utility_{key}_clean"] = clean[key]
@@ -130,8 +175,15 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
     return keep
 
 
-def gradient_utility(spec: str, grad_defense: str | None, task: str = "sentiment", n: int = 16, seed: int = 0,
-                     head_layers: int = 2, tail_layers: int = 2) -> dict:
+def gradient_utility(
+    spec: str,
+    grad_defense: str | None,
+    task: str = "sentiment",
+    n: int = 16,
+    seed: int = 0,
+    head_layers: int = 2,
+    tail_layers: int = 2,
+) -> dict:
     """How much of the training signal survives a gradient defence: cosine of clean vs sent gradients.
 
     The gradients are the ones the client sends the server for ``n`` training examples of the
@@ -146,9 +198,12 @@ def gradient_utility(spec: str, grad_defense: str | None, task: str = "sentiment
         return {"grad_cosine": 1.0}
     tokenizer = load_tokenizer(spec)
     head, tail, body, _ = _frozen_parts(spec, head_layers, tail_layers)
-    batch = collate([encode_example(tokenizer, ex, 128) for ex in _task(task, seed).train[:n]], pad_id_of(tokenizer))
-    clean = victim_gradients(head, body, tail, batch["input_ids"], batch["labels"], batch["pad_lengths"],
-                             progress=False)
+    batch = collate(
+        [encode_example(tokenizer, ex, 128) for ex in _task(task, seed).train[:n]], pad_id_of(tokenizer)
+    )
+    clean = victim_gradients(
+        head, body, tail, batch["input_ids"], batch["labels"], batch["pad_lengths"], progress=False
+    )
     torch.manual_seed(seed)
     cosines = []
     for start in range(0, clean.shape[0], 8):
@@ -159,15 +214,27 @@ def gradient_utility(spec: str, grad_defense: str | None, task: str = "sentiment
 
 def _jobs(grid: dict) -> list[tuple[str, int, str]]:
     only = grid.get("defenses_of", {})
-    jobs = [(attack, p, defense) for p in grid["head_layers"] for defense in grid["defenses"]
-            for attack in grid["attacks"] if defense in only.get(attack, grid["defenses"])]
+    jobs = [
+        (attack, p, defense)
+        for p in grid["head_layers"]
+        for defense in grid["defenses"]
+        for attack in grid["attacks"]
+        if defense in only.get(attack, grid["defenses"])
+    ]
     jobs += list(grid.get("extra", []))
     jobs += [("label", 2, defense) for defense in grid.get("label_defenses", [])]
     return jobs
 
 
-def sweep(quick: bool = True, spec: str = "smollm2-135m", task: str = "sentiment", out: Path | None = None,
-          seed: int = 0, grid: dict | None = None, progress: bool = True) -> dict:
+def sweep(
+    quick: bool = True,
+    spec: str = "smollm2-135m",
+    task: str = "sentiment",
+    out: Path | None = None,
+    seed: int = 0,
+    grid: dict | None = None,
+    progress: bool = True,
+) -> dict:
     """attacks × defences × p (and label inference × gradient defences); writes privacy.json,
     privacy.md and one PNG per attack."""
     from tqdm.auto import tqdm
@@ -183,22 +250,56 @@ def sweep(quick: bool = True, spec: str = "smollm2-135m", task: str = "sentiment
             key = ("grad", defense)
             if key not in utilities:
                 utilities[key] = gradient_utility(spec, defense, task, seed=seed)
-            result = evaluate_attack("label", spec=spec, head_layers=p, task=task, n=grid["label_n"], seed=seed,
-                                     grad_defense_spec=defense, progress=False)
+            result = evaluate_attack(
+                "label",
+                spec=spec,
+                head_layers=p,
+                task=task,
+                n=grid["label_n"],
+                seed=seed,
+                grad_defense_spec=defense,
+                progress=False,
+            )
         else:
             key = (p, defense)
             if key not in utilities:
                 utilities[key] = utility(spec, p, defense, task, grid["utility_n"], seed)
-            result = evaluate_attack(attack, spec=spec, head_layers=p, task=task, n=grid["n"], seed=seed,
-                                     defense_spec=defense, quick=grid["quick"], progress=False)
-        row = {**result.as_dict(), "defense": defense, "head_layers": p,
-               **{f"utility_{k}": v for k, v in utilities[key].items()}}
+            result = evaluate_attack(
+                attack,
+                spec=spec,
+                head_layers=p,
+                task=task,
+                n=grid["n"],
+                seed=seed,
+                defense_spec=defense,
+                quick=grid["quick"],
+                progress=False,
+            )
+        row = {
+            **result.as_dict(),
+            "defense": defense,
+            "head_layers": p,
+            **{f"utility_{k}": v for k, v in utilities[key].items()},
+        }
         rows.append(row)
-        log.info("privacy %s p=%d %s: %s, utility %s", attack, p, defense,
-                 {k: row[k] for k in ("token_f1", "label_accuracy") if k in row}, utilities[key])
+        log.info(
+            "privacy %s p=%d %s: %s, utility %s",
+            attack,
+            p,
+            defense,
+            {k: row[k] for k in ("token_f1", "label_accuracy") if k in row},
+            utilities[key],
+        )
     bar.close()
-    summary = {"rows": rows, "seconds": time.perf_counter() - started, "quick": quick, "model": spec,
-               "task": task, "n": grid["n"], "label_n": grid.get("label_n")}
+    summary = {
+        "rows": rows,
+        "seconds": time.perf_counter() - started,
+        "quick": quick,
+        "model": spec,
+        "task": task,
+        "n": grid["n"],
+        "label_n": grid.get("label_n"),
+    }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "privacy.json").write_text(json.dumps(summary, indent=2))
@@ -212,17 +313,28 @@ def _markdown(rows: list[dict]) -> str:
     lines = []
     inversion = [r for r in rows if r["attack"] != "label"]
     if inversion:
-        lines += ["| attack | p | defence | token F1 | ROUGE-L | BLEU-4 | utility NLL | utility accuracy | seconds |",
-                  "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {r['attack']} | {r['head_layers']} | {r['defense']} | {r.get('token_f1', math.nan):.3f} | "
-                  f"{r.get('rougeL', math.nan):.3f} | {r.get('bleu4', math.nan):.3f} | {r['utility_nll']:.3f} | "
-                  f"{r.get('utility_accuracy', math.nan):.3f} | {r.get('seconds', math.nan):.0f} |" for r in inversion]
+        lines += [
+            "| attack | p | defence | token F1 | ROUGE-L | BLEU-4 | utility NLL | utility accuracy | seconds |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {r['attack']} | {r['head_layers']} | {r['defense']} | {r.get('token_f1', math.nan):.3f} | "
+            f"{r.get('rougeL', math.nan):.3f} | {r.get('bleu4', math.nan):.3f} | {r['utility_nll']:.3f} | "
+            f"{r.get('utility_accuracy', math.nan):.3f} | {r.get('seconds', math.nan):.0f} |"
+            for r in inversion
+        ]
     label = [r for r in rows if r["attack"] == "label"]
     if label:
-        lines += ["", "| attack | gradient defence | label accuracy | AUC | gradient cosine (utility) | seconds |",
-                  "| --- | --- | ---: | ---: | ---: | ---: |"]
-        lines += [f"| label | {r['defense']} | {r['label_accuracy']:.3f} | {r['auc']:.3f} | "
-                  f"{r['utility_grad_cosine']:.3f} | {r.get('seconds', math.nan):.0f} |" for r in label]
+        lines += [
+            "",
+            "| attack | gradient defence | label accuracy | AUC | gradient cosine (utility) | seconds |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| label | {r['defense']} | {r['label_accuracy']:.3f} | {r['auc']:.3f} | "
+            f"{r['utility_grad_cosine']:.3f} | {r.get('seconds', math.nan):.0f} |"
+            for r in label
+        ]
     return "\n".join(lines) + "\n"
 
 

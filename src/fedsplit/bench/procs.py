@@ -41,17 +41,39 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @contextlib.contextmanager
-def server_process(model: str, *args: str, host: str = "127.0.0.1", timeout: float = 300.0, log_file=None,
-                   port: int | None = None):
+def server_process(
+    model: str,
+    *args: str,
+    host: str = "127.0.0.1",
+    timeout: float = 300.0,
+    log_file=None,
+    port: int | None = None,
+):
     """``fedsplit serve`` in a child process; yields its address; SIGTERM on exit.
 
     ``port`` reuses a known port (a restarted server); default: a free one.
     """
     port = port or free_port(host)
-    cmd = [sys.executable, "-m", "fedsplit.cli.main", "serve", "--model", model, "--host", host,
-           "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, stdout=log_file or subprocess.DEVNULL, stderr=log_file or subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_parent_death_signal())
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedsplit.cli.main",
+        "serve",
+        "--model",
+        model,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log_file or subprocess.DEVNULL,
+        stderr=log_file or subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=_parent_death_signal(),
+    )
     address = f"{host}:{port}"
     try:
         probe = RemoteTransport(address, retries=0)

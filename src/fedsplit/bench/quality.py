@@ -16,36 +16,78 @@ HEADLINE = ("accuracy", "rougeL", "f1", "perplexity")  # the metric the comparis
 DEFAULT_NOISE = 0.02  # relative to each token's RMS (the demo's and the paper's order of magnitude)
 
 
-def run(model: str = "smollm2-135m", task: str = "sentiment", steps: int = 100, batch_size: int = 8,
-        lr: float = 3e-4, eval_examples: int = 300, seed: int = 0, noise: float = DEFAULT_NOISE,
-        max_length: int = 96, out: Path | None = None, wire_dtype: str = "fp32", head_layers: int = 2,
-        tail_layers: int = 2) -> dict:
+def run(
+    model: str = "smollm2-135m",
+    task: str = "sentiment",
+    steps: int = 100,
+    batch_size: int = 8,
+    lr: float = 3e-4,
+    eval_examples: int = 300,
+    seed: int = 0,
+    noise: float = DEFAULT_NOISE,
+    max_length: int = 96,
+    out: Path | None = None,
+    wire_dtype: str = "fp32",
+    head_layers: int = 2,
+    tail_layers: int = 2,
+) -> dict:
     from ..tasks import load_task
 
-    base = dict(model=model, task=task, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                eval_examples=eval_examples, max_length=max_length, wire_dtype=wire_dtype,
-                head_layers=head_layers, tail_layers=tail_layers)
+    base = dict(
+        model=model,
+        task=task,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        eval_examples=eval_examples,
+        max_length=max_length,
+        wire_dtype=wire_dtype,
+        head_layers=head_layers,
+        tail_layers=tail_layers,
+    )
     rows = {}
     untrained = build_client(TrainConfig(**base, centralized=True))
-    metrics = evaluate_client(untrained, load_task(task, seed=seed), load_tokenizer(model),
-                              max_examples=eval_examples)
+    metrics = evaluate_client(
+        untrained, load_task(task, seed=seed), load_tokenizer(model), max_examples=eval_examples
+    )
     rows["untrained"] = {**metrics, "train_seconds": 0.0}
     del untrained
-    runs = [("centralized", dict(centralized=True)), ("split", dict()), ("split+noise", dict(noise=noise,
-                                                                                           noise_relative=True))]
+    runs = [
+        ("centralized", dict(centralized=True)),
+        ("split", dict()),
+        ("split+noise", dict(noise=noise, noise_relative=True)),
+    ]
     with server_process(model) as (address, _):
         for name, extra in runs:
-            cfg = TrainConfig(**base, **extra, server=None if extra.get("centralized") else address,
-                              out=str(out / name) if out else None)
+            cfg = TrainConfig(
+                **base,
+                **extra,
+                server=None if extra.get("centralized") else address,
+                out=str(out / name) if out else None,
+            )
             log.info("bench quality: %s", name)
             summary = run_training(cfg)
-            rows[name] = {**summary["after"], "train_seconds": summary["train_seconds"],
-                          "final_loss": summary["history"][-1]["loss"]}
+            rows[name] = {
+                **summary["after"],
+                "train_seconds": summary["train_seconds"],
+                "final_loss": summary["history"][-1]["loss"],
+            }
     metrics = [k for k in rows["centralized"] if k not in ("train_seconds", "final_loss")]
     metric = next((k for k in HEADLINE if k in metrics), metrics[0])
-    flat = {"model": model, "task": task, "steps": steps, "batch_size": batch_size, "seed": seed, "metric": metric,
-            "noise": noise, "eval_examples": eval_examples, "head_layers": head_layers, "tail_layers": tail_layers,
-            "wire_dtype": wire_dtype}
+    flat = {
+        "model": model,
+        "task": task,
+        "steps": steps,
+        "batch_size": batch_size,
+        "seed": seed,
+        "metric": metric,
+        "noise": noise,
+        "eval_examples": eval_examples,
+        "head_layers": head_layers,
+        "tail_layers": tail_layers,
+        "wire_dtype": wire_dtype,
+    }
     for name, row in rows.items():
         key = name.replace("+", "_")
         flat[f"{key}_{metric}"] = row[metric]

@@ -72,8 +72,9 @@ def _accepts(hint: Any, value: Any) -> tuple[bool, Any]:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool), float(value) \
-            if isinstance(value, (int, float)) else value
+        return isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if isinstance(
+            value, (int, float)
+        ) else value
     if hint is str:
         return isinstance(value, str), value
     if origin is tuple:

@@ -30,8 +30,10 @@ def user_error_message(exc: BaseException) -> str | None:
         if exc.code.name == "UNAUTHENTICATED":
             hint = " — pass the token `fedsplit token add` printed (--token or FEDSPLIT_TOKEN)"
         return f"the server refused the request ({exc.code.name}): {exc.message}{hint}"
-    if isinstance(exc, (ServerUnreachable, ConfigError, CheckpointError, ModelSpecError, UnsupportedModelError,
-                        TaskError)):
+    if isinstance(
+        exc,
+        (ServerUnreachable, ConfigError, CheckpointError, ModelSpecError, UnsupportedModelError, TaskError),
+    ):
         return str(exc)
     return None
 

@@ -30,7 +30,7 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
     return ids, torch.tensor([width - len(s) for s in sequences], dtype=torch.long)
 
 
@@ -131,7 +131,7 @@ class SplitModelForCausalLM:
         ids, pad = self.encode_chat(prompts)
         mask = (torch.arange(ids.shape[1])[None] >= pad[:, None]).long()
         out = self.generate(ids, mask, max_new_tokens=max_new_tokens, **kwargs)
-        return [self.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
+        return [self.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True).strip() for row in out]
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int, batch_size: int = 1):
@@ -163,8 +163,14 @@ class InferenceSession:
         tokenizer = self.model.tokenizer
         pad = torch.zeros(input_ids.shape[0], dtype=torch.long)
         new = self.model.client.generate(
-            input_ids, pad, max_new_tokens, kwargs.pop("eos_token_id", tokenizer.eos_token_id),
-            session=self.session, caches=self.caches, offset=self.offset, **kwargs,
+            input_ids,
+            pad,
+            max_new_tokens,
+            kwargs.pop("eos_token_id", tokenizer.eos_token_id),
+            session=self.session,
+            caches=self.caches,
+            offset=self.offset,
+            **kwargs,
         )
         self.offset += input_ids.shape[1] + new.shape[1] - 1
         self.last_token = new[:, -1:]

@@ -44,8 +44,12 @@ RUN_FILE = "run.json"
 
 def trainable_named(client: SplitClient) -> list[tuple[str, torch.nn.Parameter]]:
     """The client's trainable parameters with names, in :meth:`SplitClient.trainable_parameters` order."""
-    named = [(f"{part}.{n}", p) for part, m in (("head", client.head), ("tail", client.tail))
-             for n, p in m.named_parameters() if p.requires_grad]
+    named = [
+        (f"{part}.{n}", p)
+        for part, m in (("head", client.head), ("tail", client.tail))
+        for n, p in m.named_parameters()
+        if p.requires_grad
+    ]
     if client.defense is not None:
         named += [(f"defense.{n}", p) for n, p in client.defense.named_parameters() if p.requires_grad]
     return named
@@ -71,8 +75,11 @@ class ClientCheckpointer:
             opt_tensors, state["optimizer"] = optimizer_state(client.optimizer, [n for n, _ in named])
             tensors |= opt_tensors
         if client.defense is not None:
-            tensors |= {f"defense_state.{k}": v for k, v in client.defense.state_dict().items()
-                        if isinstance(v, torch.Tensor)}
+            tensors |= {
+                f"defense_state.{k}": v
+                for k, v in client.defense.state_dict().items()
+                if isinstance(v, torch.Tensor)
+            }
         tensors["rng.torch"] = torch.get_rng_state()
         body = client.train_session
         if hasattr(body, "pool") and getattr(body, "optimizer", None) is not None:  # body in this process
@@ -90,8 +97,10 @@ class ClientCheckpointer:
         named = trainable_named(client)
         missing = [n for n, _ in named if f"param.{n}" not in tensors]
         if missing:
-            raise CheckpointError(f"checkpoint {self.directory} at step {step} lacks {missing[:3]}: "
-                                  "was it written with other head/tail/LoRA settings?")
+            raise CheckpointError(
+                f"checkpoint {self.directory} at step {step} lacks {missing[:3]}: "
+                "was it written with other head/tail/LoRA settings?"
+            )
         with torch.no_grad():
             for n, p in named:
                 p.copy_(tensors[f"param.{n}"])
@@ -99,13 +108,15 @@ class ClientCheckpointer:
         if client.optimizer is not None and state.get("optimizer"):
             load_optimizer_state(client.optimizer, [n for n, _ in named], tensors, state["optimizer"])
         if client.defense is not None:
-            extra = {k[len("defense_state."):]: v for k, v in tensors.items() if k.startswith("defense_state.")}
+            extra = {
+                k[len("defense_state.") :]: v for k, v in tensors.items() if k.startswith("defense_state.")
+            }
             if extra:
                 client.defense.load_state_dict(extra, strict=False)
         torch.set_rng_state(tensors["rng.torch"])
         body = client.train_session
         if state.get("body") and hasattr(body, "pool"):
-            adapter = {k[len("body."):]: v for k, v in tensors.items() if k.startswith("body.")}
+            adapter = {k[len("body.") :]: v for k, v in tensors.items() if k.startswith("body.")}
             body.pool.load_state_dict(body.adapter, adapter)
             names = list(body.pool.state_dict(body.adapter))  # the optimizer's order, not the file's
             load_optimizer_state(body.optimizer, names, tensors, state["body"], prefix="body_optim.")
@@ -149,7 +160,12 @@ class ResilientTrainer:
         max_recoveries: int = 20,
     ) -> None:
         self.client, self.config, self.make_batches = client, config, batches
-        self.checkpointer, self.lr, self.weight_decay, self.clip_norm = checkpointer, lr, weight_decay, clip_norm
+        self.checkpointer, self.lr, self.weight_decay, self.clip_norm = (
+            checkpointer,
+            lr,
+            weight_decay,
+            clip_norm,
+        )
         self.reconnect_timeout, self.max_recoveries = reconnect_timeout, max_recoveries
         self.step = 0
         self.recoveries = 0
@@ -169,7 +185,9 @@ class ResilientTrainer:
     def _open_common(self) -> int:
         steps = self.checkpointer.steps()
         if not steps:
-            raise CheckpointError(f"no usable checkpoint in {self.checkpointer.directory}; start without --resume")
+            raise CheckpointError(
+                f"no usable checkpoint in {self.checkpointer.directory}; start without --resume"
+            )
         # Never fall back to step 0 silently when we hold later steps: a server that lost the run
         # answers FAILED_PRECONDITION and the user decides.
         offer = tuple(s for s in steps if s > 0) or (0,)
@@ -181,8 +199,10 @@ class ResilientTrainer:
         if step is None:  # the body is in this process: it comes back from our own checkpoint
             step = max(steps)
         if step not in offer:
-            raise CheckpointError(f"the server resumed run {self.config.run_id} at step {step}, "
-                                  f"which this client has no checkpoint of ({steps})")
+            raise CheckpointError(
+                f"the server resumed run {self.config.run_id} at step {step}, "
+                f"which this client has no checkpoint of ({steps})"
+            )
         self.checkpointer.load(self.client, step)
         log.info("run %s resumes at step %d", self.config.run_id, step)
         return self._at(step)
@@ -209,8 +229,10 @@ class ResilientTrainer:
                 if not (is_recoverable(exc) or in_use):
                     raise
                 if not backoff.wait():
-                    raise ServerUnreachable(f"the server did not come back within {self.reconnect_timeout:.0f}s "
-                                            f"({exc}); rerun with --resume when it is up") from None
+                    raise ServerUnreachable(
+                        f"the server did not come back within {self.reconnect_timeout:.0f}s "
+                        f"({exc}); rerun with --resume when it is up"
+                    ) from None
 
     # ------------------------------------------------------------------ steps
 
@@ -224,7 +246,9 @@ class ResilientTrainer:
             except Exception as exc:
                 if not is_recoverable(exc):
                     raise
-                log.warning("step %d failed (%s); resuming from the last common checkpoint", self.step + 1, exc)
+                log.warning(
+                    "step %d failed (%s); resuming from the last common checkpoint", self.step + 1, exc
+                )
                 self._recover(exc)
                 continue
             self.step += 1
@@ -235,8 +259,10 @@ class ResilientTrainer:
     def _checkpoint(self) -> None:
         stats = getattr(self.client.train_session, "last_stats", None)
         if stats is not None and not stats.get("checkpointed") and not self._warned:
-            log.warning("the server keeps no checkpoints (start it with --checkpoint-dir); a server restart "
-                        "will lose the body adapter")
+            log.warning(
+                "the server keeps no checkpoints (start it with --checkpoint-dir); a server restart "
+                "will lose the body adapter"
+            )
             self._warned = True
         self.checkpointer.save(self.client, self.step, {"run_id": self.config.run_id})
 

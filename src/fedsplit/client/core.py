@@ -25,8 +25,15 @@ log = logging.getLogger(__name__)
 class BodyHandle(Protocol):
     """What a client needs from a body session, local or remote."""
 
-    def forward(self, step_id: int, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int = 0,
-                keep_graph: bool = True, use_cache: bool = True) -> torch.Tensor: ...
+    def forward(
+        self,
+        step_id: int,
+        hidden: torch.Tensor,
+        pad_lengths: torch.Tensor,
+        offset: int = 0,
+        keep_graph: bool = True,
+        use_cache: bool = True,
+    ) -> torch.Tensor: ...
     def backward(self, step_id: int, grad: torch.Tensor) -> torch.Tensor: ...
     def step(self, clip_norm: float = 0.0) -> None: ...
     def close(self) -> None: ...
@@ -116,7 +123,9 @@ class SplitClient:
     def start_training(self, config: SessionConfig, lr: float = 2e-4, weight_decay: float = 0.0) -> None:
         self.train_session = self.transport.open(config)
         params = self.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True) if params else None
+        self.optimizer = (
+            torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True) if params else None
+        )
 
     def send(self, hidden: torch.Tensor, pad_lengths: torch.Tensor) -> torch.Tensor:
         return self.defense(hidden, pad_lengths) if self.defense is not None else hidden
@@ -140,7 +149,11 @@ class SplitClient:
         roots, grads = [], []
         if sent.requires_grad:
             roots, grads = [sent], [grad_in]
-        extra = self.defense.extra_loss() if self.defense is not None and hasattr(self.defense, "extra_loss") else None
+        extra = (
+            self.defense.extra_loss()
+            if self.defense is not None and hasattr(self.defense, "extra_loss")
+            else None
+        )
         if extra is not None and extra.requires_grad:
             roots.append(extra)
             grads.append(torch.ones_like(extra))
@@ -170,8 +183,9 @@ class SplitClient:
 
     def open_inference(self, max_length: int, batch: int) -> BodyHandle:
         """A generate session carrying the body adapter being trained (or loaded), if any."""
-        session = self.transport.open(SessionConfig(span=self.span, mode="generate", max_length=max_length,
-                                                    max_batch=batch))
+        session = self.transport.open(
+            SessionConfig(span=self.span, mode="generate", max_length=max_length, max_batch=batch)
+        )
         adapter = self.train_session.adapter_state() if self.train_session is not None else self.body_adapter
         if adapter is not None and adapter[1]:
             session.put_adapter(*adapter)

@@ -65,8 +65,11 @@ class RemoteTransport:
         # A session stream has no deadline (``timeout`` = None; training runs last days); keepalive pings
         # notice a server that vanished without closing the connection.
         options = codec.channel_options(max_message_bytes) + [
-            ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 5_000),
-            ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000)]
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 5_000),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+        ]
         if tls_ca:
             with open(tls_ca, "rb") as f:
                 creds = grpc.ssl_channel_credentials(root_certificates=f.read())
@@ -116,8 +119,9 @@ class RemoteSession:
         self.transport, self.config = transport, config
         self._outbox: queue.Queue = queue.Queue()
         self._seq = 0
-        self._call = transport.stub.Session(iter(self._outbox.get, None), metadata=transport.metadata,
-                                            timeout=transport.timeout)
+        self._call = transport.stub.Session(
+            iter(self._outbox.get, None), metadata=transport.metadata, timeout=transport.timeout
+        )
         request = pb.OpenSession(
             model_fingerprint=transport.fingerprint,
             span_start=config.span[0],
@@ -166,25 +170,43 @@ class RemoteSession:
             raise RemoteError(exc.code(), exc.details()) from None
         self.transport.traffic.received += reply.ByteSize()
         if reply.WhichOneof("kind") == "error":
-            code = next((c for c in grpc.StatusCode if c.value[0] == reply.error.code), grpc.StatusCode.UNKNOWN)
+            code = next(
+                (c for c in grpc.StatusCode if c.value[0] == reply.error.code), grpc.StatusCode.UNKNOWN
+            )
             raise RemoteError(code, reply.error.message)
         return reply
 
-    def forward(self, step_id: int, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int = 0,
-                keep_graph: bool = True, use_cache: bool = True) -> torch.Tensor:
-        reply = self._request(pb.ClientMessage(forward=pb.Forward(
-            step_id=step_id,
-            hidden=codec.encode_tensor(hidden, self.transport.wire_dtype),
-            pad_lengths=[int(x) for x in pad_lengths],
-            position_offset=offset,
-            use_cache=self.config.mode == "generate" and use_cache,
-            keep_graph=self.config.mode == "train" and keep_graph,
-        )))
+    def forward(
+        self,
+        step_id: int,
+        hidden: torch.Tensor,
+        pad_lengths: torch.Tensor,
+        offset: int = 0,
+        keep_graph: bool = True,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        reply = self._request(
+            pb.ClientMessage(
+                forward=pb.Forward(
+                    step_id=step_id,
+                    hidden=codec.encode_tensor(hidden, self.transport.wire_dtype),
+                    pad_lengths=[int(x) for x in pad_lengths],
+                    position_offset=offset,
+                    use_cache=self.config.mode == "generate" and use_cache,
+                    keep_graph=self.config.mode == "train" and keep_graph,
+                )
+            )
+        )
         return codec.decode_tensor(reply.forward_result.hidden, out_dtype=hidden.dtype)
 
     def backward(self, step_id: int, grad: torch.Tensor) -> torch.Tensor:
-        reply = self._request(pb.ClientMessage(backward=pb.Backward(
-            step_id=step_id, grad=codec.encode_tensor(grad, self.transport.wire_dtype))))
+        reply = self._request(
+            pb.ClientMessage(
+                backward=pb.Backward(
+                    step_id=step_id, grad=codec.encode_tensor(grad, self.transport.wire_dtype)
+                )
+            )
+        )
         return codec.decode_tensor(reply.backward_result.grad, out_dtype=grad.dtype)
 
     def step(self, clip_norm: float = 0.0, checkpoint: bool = False) -> None:
@@ -201,8 +223,13 @@ class RemoteSession:
         return lora_from_proto(reply.adapter.lora), codec.from_named_tensors(reply.adapter.tensors)
 
     def put_adapter(self, settings, state) -> None:
-        self._request(pb.ClientMessage(put_adapter=pb.PutAdapter(
-            lora=lora_to_proto(settings), tensors=codec.named_tensors(state, "fp32"))))
+        self._request(
+            pb.ClientMessage(
+                put_adapter=pb.PutAdapter(
+                    lora=lora_to_proto(settings), tensors=codec.named_tensors(state, "fp32")
+                )
+            )
+        )
 
     def close(self) -> None:
         if not getattr(self, "closed", True):

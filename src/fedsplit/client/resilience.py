@@ -28,10 +28,16 @@ from .remote import RemoteError, ServerUnreachable
 log = logging.getLogger(__name__)
 
 #: Status codes after which a fresh session may succeed: the server went away or restarted.
-RECOVERABLE = frozenset({
-    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
-    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
-})
+RECOVERABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
 
 
 def is_recoverable(exc: BaseException) -> bool:
@@ -67,8 +73,9 @@ def _quiet_close(session) -> None:
 class ReplayingSession:
     """A GENERATE session that survives the loss of its server session by replaying its history."""
 
-    def __init__(self, transport, config: SessionConfig, reconnect_timeout: float = 300.0,
-                 exact: bool = True) -> None:
+    def __init__(
+        self, transport, config: SessionConfig, reconnect_timeout: float = 300.0, exact: bool = True
+    ) -> None:
         self.transport, self.config = transport, config
         self.reconnect_timeout, self.exact = reconnect_timeout, exact
         self.history: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []  # cache-extending forwards
@@ -87,14 +94,27 @@ class ReplayingSession:
             except (RemoteError, ServerUnreachable) as exc:
                 if not is_recoverable(exc):
                     raise
-                log.warning("generation session lost (%s); reconnecting and replaying %d step(s)",
-                            exc, len(self.history))
+                log.warning(
+                    "generation session lost (%s); reconnecting and replaying %d step(s)",
+                    exc,
+                    len(self.history),
+                )
                 self._reconnect(exc)
 
-    def forward(self, step_id: int, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int = 0,
-                keep_graph: bool = True, use_cache: bool = True) -> torch.Tensor:
-        out = self._retrying(lambda: self.session.forward(step_id, hidden, pad_lengths, offset,
-                                                          keep_graph=keep_graph, use_cache=use_cache))
+    def forward(
+        self,
+        step_id: int,
+        hidden: torch.Tensor,
+        pad_lengths: torch.Tensor,
+        offset: int = 0,
+        keep_graph: bool = True,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        out = self._retrying(
+            lambda: self.session.forward(
+                step_id, hidden, pad_lengths, offset, keep_graph=keep_graph, use_cache=use_cache
+            )
+        )
         if use_cache:  # a stateless forward leaves nothing on the server to rebuild
             self.history.append((step_id, hidden.detach().clone(), pad_lengths.clone(), offset))
         return out
@@ -137,7 +157,9 @@ class ReplayingSession:
                 continue
             self.session = session
             self.reconnects += 1
-            log.info("generation session rebuilt as %s after replaying %d step(s)", session.id, len(self.history))
+            log.info(
+                "generation session rebuilt as %s after replaying %d step(s)", session.id, len(self.history)
+            )
             return
 
     def __getattr__(self, name):  # anything else (config of the stream, traffic, ...) is the live session's

@@ -29,37 +29,58 @@ class TrainConfig:
     head_layers: int = field(default=2, metadata={"help": "p"})
     tail_layers: int = field(default=2, metadata={"help": "q"})
     task: str = field(default="sentiment", metadata={"help": "task name (fedsplit.tasks)"})
-    data: str | None = field(default=None, metadata={"help": "the task's data: a JSONL file or folder (jsonl, "
-                                                             "required), a local copy or hub id (other tasks)"})
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "the task's data: a JSONL file or folder (jsonl, "
+            "required), a local copy or hub id (other tasks)"
+        },
+    )
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "examples per step"})
     lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate (head, body and tail LoRA)"})
-    body_lr: float | None = field(default=None, metadata={"help": "learning rate of the body LoRA (default: lr)"})
-    body_warmup: int = field(default=0, metadata={"help": "body optimiser steps over which the body lr ramps "
-                                                          "up linearly (0 = constant)"})
+    body_lr: float | None = field(
+        default=None, metadata={"help": "learning rate of the body LoRA (default: lr)"}
+    )
+    body_warmup: int = field(
+        default=0,
+        metadata={"help": "body optimiser steps over which the body lr ramps up linearly (0 = constant)"},
+    )
     max_length: int = field(default=128, metadata={"help": "token limit per example"})
     max_examples: int | None = field(default=None, metadata={"help": "cap on examples per split"})
     noise: float = field(default=0.0, metadata={"help": "Gaussian noise std on the hidden states sent"})
     noise_relative: bool = field(default=False, metadata={"help": "noise std relative to each token's RMS"})
-    defense: str | None = field(default=None, metadata={"help": "any fedsplit.privacy spec (overrides --noise)"})
+    defense: str | None = field(
+        default=None, metadata={"help": "any fedsplit.privacy spec (overrides --noise)"}
+    )
     wire_dtype: str = field(default="fp16", metadata={"help": "fp32 | fp16 | bf16 | int8"})
     seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA init, noise)"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0 = only at the end)"})
     eval_examples: int = field(default=200, metadata={"help": "test examples per evaluation"})
-    clip_norm: float = field(default=0.0, metadata={"help": "gradient clipping (0 = off; client and server "
-                                                                  "clip separately)"})
+    clip_norm: float = field(
+        default=0.0, metadata={"help": "gradient clipping (0 = off; client and server clip separately)"}
+    )
     rank: int = field(default=8, metadata={"help": "LoRA rank"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha"})
     centralized: bool = field(default=False, metadata={"help": "train the unsplit model in one process"})
     token: str | None = field(default=None, metadata={"help": "bearer token"})
     tls_ca: str | None = field(default=None, metadata={"help": "CA certificate for TLS"})
     out: str | None = field(default=None, metadata={"help": "output directory for adapters and history"})
-    checkpoint_every: int = field(default=0, metadata={"help": "checkpoint head/tail (and ask the server to "
-                                                              "checkpoint the body) every K steps under out/"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in out/ from the last step "
-                                                          "client and server both hold"})
-    run_id: str | None = field(default=None, metadata={"help": "name of the run on the server (default: random, "
-                                                               "kept in out/run.json)"})
+    checkpoint_every: int = field(
+        default=0,
+        metadata={
+            "help": "checkpoint head/tail (and ask the server to "
+            "checkpoint the body) every K steps under out/"
+        },
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue the run in out/ from the last step client and server both hold"},
+    )
+    run_id: str | None = field(
+        default=None,
+        metadata={"help": "name of the run on the server (default: random, kept in out/run.json)"},
+    )
 
     @property
     def lora(self) -> LoraSettings:
@@ -67,15 +88,24 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise ValueError, naming the option, for a value no run can use."""
-        positive = {"steps": self.steps, "batch-size": self.batch_size, "max-length": self.max_length,
-                    "lr": self.lr, "rank": self.rank}
+        positive = {
+            "steps": self.steps,
+            "batch-size": self.batch_size,
+            "max-length": self.max_length,
+            "lr": self.lr,
+            "rank": self.rank,
+        }
         if self.body_lr is not None:
             positive["body-lr"] = self.body_lr
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"--{name} must be positive (got {value})")
-        counts = {"body-warmup": self.body_warmup, "eval-every": self.eval_every,
-                  "eval-examples": self.eval_examples, "checkpoint-every": self.checkpoint_every}
+        counts = {
+            "body-warmup": self.body_warmup,
+            "eval-every": self.eval_every,
+            "eval-examples": self.eval_examples,
+            "checkpoint-every": self.checkpoint_every,
+        }
         for name, value in counts.items():
             if value < 0:
                 raise ValueError(f"--{name} must be 0 or more (got {value})")
@@ -103,8 +133,13 @@ def build_client(cfg: TrainConfig, transport=None, lora: bool = True) -> SplitCl
     if transport is None:
         if cfg.server and not cfg.centralized:
             # a RemoteTransport that can also take part in the server's training mode, if it has one
-            transport = FederatedTransport(cfg.server, token=cfg.token, tls_ca=cfg.tls_ca,
-                                           wire_dtype=cfg.wire_dtype, fingerprint=model_fingerprint(cfg.model))
+            transport = FederatedTransport(
+                cfg.server,
+                token=cfg.token,
+                tls_ca=cfg.tls_ca,
+                wire_dtype=cfg.wire_dtype,
+                fingerprint=model_fingerprint(cfg.model),
+            )
         else:
             transport = LocalTransport(load_part(cfg.model, "body", span=span))
     hidden = int(head.config.hidden_size)
@@ -126,7 +161,9 @@ def load_run_adapters(client: SplitClient, run_dir: str | Path) -> None:
     client.body_adapter = (settings, state)
 
 
-def evaluate_client(client: SplitClient, task, tokenizer, split: str = "test", max_examples: int = 200) -> dict:
+def evaluate_client(
+    client: SplitClient, task, tokenizer, split: str = "test", max_examples: int = 200
+) -> dict:
     from ..tasks import evaluate
 
     def logits_fn(ids, pad):
@@ -143,15 +180,17 @@ def evaluate_client(client: SplitClient, task, tokenizer, split: str = "test", m
     if client.defense is not None:
         client.defense.eval()
     try:
-        return evaluate(task, tokenizer, logits_fn, generate_fn, split=split, max_examples=max_examples,
-                        progress=False)
+        return evaluate(
+            task, tokenizer, logits_fn, generate_fn, split=split, max_examples=max_examples, progress=False
+        )
     finally:
         if was_training:
             client.defense.train()
 
 
-def run_training(cfg: TrainConfig, client: SplitClient | None = None, progress: bool = True,
-                 evaluate_before: bool = False) -> dict:
+def run_training(
+    cfg: TrainConfig, client: SplitClient | None = None, progress: bool = True, evaluate_before: bool = False
+) -> dict:
     """Fine-tune; returns a summary (losses, metrics, bytes, seconds). Saves adapters under ``cfg.out``."""
     from tqdm import tqdm
 
@@ -166,17 +205,28 @@ def run_training(cfg: TrainConfig, client: SplitClient | None = None, progress: 
         summary["before"] = evaluate_client(client, task, tokenizer, max_examples=cfg.eval_examples)
         log.info("before training: %s", summary["before"])
     torch.manual_seed(cfg.seed)
-    session_config = SessionConfig(span=client.span, mode="train", max_length=cfg.max_length,
-                                   max_batch=cfg.batch_size, lora=cfg.lora,
-                                   lr=cfg.lr if cfg.body_lr is None else cfg.body_lr,
-                                   warmup_steps=cfg.body_warmup, seed=cfg.seed)
+    session_config = SessionConfig(
+        span=client.span,
+        mode="train",
+        max_length=cfg.max_length,
+        max_batch=cfg.batch_size,
+        lora=cfg.lora,
+        lr=cfg.lr if cfg.body_lr is None else cfg.body_lr,
+        warmup_steps=cfg.body_warmup,
+        seed=cfg.seed,
+    )
     federation = None if cfg.centralized else join_federation(client, cfg.steps)
     if federation is not None:
         if cfg.checkpoint_every > 0 or cfg.resume:
-            raise ValueError(f"the server trains in {federation.mode} mode; checkpoints and --resume are for "
-                             "a client training alone (server mode independent)")
-        log.info("the server trains in %s mode; head/tail FedAvg every %d step(s)", federation.mode,
-                 federation.fedavg_every)
+            raise ValueError(
+                f"the server trains in {federation.mode} mode; checkpoints and --resume are for "
+                "a client training alone (server mode independent)"
+            )
+        log.info(
+            "the server trains in %s mode; head/tail FedAvg every %d step(s)",
+            federation.mode,
+            federation.fedavg_every,
+        )
     trainer, first = None, 1
     if cfg.checkpoint_every > 0 or cfg.resume:  # fedsplit.client.checkpointing: survives restarts
         trainer = resilient_trainer(cfg, client, session_config, task, tokenizer)
@@ -208,13 +258,18 @@ def run_training(cfg: TrainConfig, client: SplitClient | None = None, progress: 
             postfix.update(sent=_mib(sent), recv=_mib(received))
         bar.set_postfix(postfix)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            record["eval"] = evaluate_client(client, task, tokenizer, split="val", max_examples=cfg.eval_examples)
+            record["eval"] = evaluate_client(
+                client, task, tokenizer, split="val", max_examples=cfg.eval_examples
+            )
             log.info("step %d: %s", step, record["eval"])
         summary["history"].append(record)
     summary["train_seconds"] = time.perf_counter() - start
     if federation is not None:
-        summary["federation"] = {"mode": federation.mode, "fedavg_every": federation.fedavg_every,
-                                 "fedavg_rounds": federation.rounds}
+        summary["federation"] = {
+            "mode": federation.mode,
+            "fedavg_every": federation.fedavg_every,
+            "fedavg_rounds": federation.rounds,
+        }
     summary["tokens_per_second"] = tokens_seen / summary["train_seconds"]
     if traffic is not None:
         summary["bytes_sent"], summary["bytes_received"] = sent, received
@@ -236,10 +291,14 @@ def resilient_trainer(cfg: TrainConfig, client: SplitClient, session_config: Ses
         raise ValueError("checkpoints need an output directory (--out)")
     run_id = run_id_for(cfg.out, cfg.resume, cfg.run_id)
     return ResilientTrainer(
-        client, replace(session_config, run_id=run_id),
-        lambda: iterate_batches(task.train, tokenizer, cfg.batch_size, seed=cfg.seed, max_length=cfg.max_length),
+        client,
+        replace(session_config, run_id=run_id),
+        lambda: iterate_batches(
+            task.train, tokenizer, cfg.batch_size, seed=cfg.seed, max_length=cfg.max_length
+        ),
         ClientCheckpointer(Path(cfg.out) / "checkpoints", cfg.checkpoint_every),
-        lr=cfg.lr, clip_norm=cfg.clip_norm,
+        lr=cfg.lr,
+        clip_norm=cfg.clip_norm,
     )
 
 

@@ -92,11 +92,13 @@ class ServerHierarchical(Coordinator):
         session._check(hidden, pad, offset)
         if offset != 0:
             raise SessionError(
-                "INVALID_ARGUMENT", "server-hierarchical training runs whole sequences: position_offset must be 0"
+                "INVALID_ARGUMENT",
+                "server-hierarchical training runs whole sequences: position_offset must be 0",
             )
         if session.id in self.queued or session.id in self.by_session:
             raise SessionError(
-                "FAILED_PRECONDITION", "server-hierarchical: finish the pending step (backward, then optimizer step) first"
+                "FAILED_PRECONDITION",
+                "server-hierarchical: finish the pending step (backward, then optimizer step) first",
             )
         self.queued.add(session.id)
         try:
@@ -147,10 +149,14 @@ class ServerHierarchical(Coordinator):
             return await super().backward(session, step_id, grad, weight)
         slot = rnd.slots[session.id]
         if slot.step_id != step_id:
-            raise SessionError("NOT_FOUND", f"no pending forward for step {step_id}; the pending one is {slot.step_id}")
+            raise SessionError(
+                "NOT_FOUND", f"no pending forward for step {step_id}; the pending one is {slot.step_id}"
+            )
         expected = (slot.rows.stop - slot.rows.start, slot.length, session.hidden_size)
         if tuple(grad.shape) != expected:
-            raise SessionError("INVALID_ARGUMENT", f"grad has shape {list(grad.shape)}, expected {list(expected)}")
+            raise SessionError(
+                "INVALID_ARGUMENT", f"grad has shape {list(grad.shape)}, expected {list(expected)}"
+            )
         return await rnd.backwards.submit(session.id, grad)
 
     async def _backward_round(self, rnd: Round, items: dict) -> dict:
@@ -159,7 +165,9 @@ class ServerHierarchical(Coordinator):
                 del self.by_session[sid]  # a client missing here lost this step's gradient
         self._open.pop(rnd.number, None)
         # Replicas share no weights: every client's gradient enters unscaled.
-        return await self.servicer._run(joint_backward, rnd, {sid: (grad, 1.0) for sid, grad in items.items()})
+        return await self.servicer._run(
+            joint_backward, rnd, {sid: (grad, 1.0) for sid, grad in items.items()}
+        )
 
     # ------------------------------------------------------------------ optimiser step and sync
 

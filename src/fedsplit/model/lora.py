@@ -55,7 +55,7 @@ def seed_lora(module: nn.Module, seed: int, adapter: str = "default") -> None:
             if f".lora_A.{adapter}." not in name:
                 continue
             key = name.replace(f".{adapter}.", ".")
-            key = key[key.index("layers."):] if "layers." in key else key
+            key = key[key.index("layers.") :] if "layers." in key else key
             gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
             bound = 1.0 / math.sqrt(param.shape[1])  # peft's kaiming_uniform(a=sqrt(5)) bound
             param.copy_(torch.empty(param.shape).uniform_(-bound, bound, generator=gen))
@@ -97,8 +97,11 @@ def load_lora_state_dict(segment: nn.Module, state: dict[str, torch.Tensor]) -> 
 
 
 def save_adapter(
-    segment: nn.Module | None, directory: str | Path, settings: LoraSettings,
-    state: dict[str, torch.Tensor] | None = None, **meta,
+    segment: nn.Module | None,
+    directory: str | Path,
+    settings: LoraSettings,
+    state: dict[str, torch.Tensor] | None = None,
+    **meta,
 ) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's format).
 
@@ -145,9 +148,14 @@ def export_adapter(adapters: str | Path, out: str | Path, base_model: str | None
                 f"{adapters / name} has no adapter; expected head/, body/ and tail/ as written by fedsplit train"
             )
         state, seg_settings = read_adapter(adapters / name)
-        if state and settings is not None and (seg_settings.rank, seg_settings.alpha) != (
-            settings.rank,
-            settings.alpha,
+        if (
+            state
+            and settings is not None
+            and (seg_settings.rank, seg_settings.alpha)
+            != (
+                settings.rank,
+                settings.alpha,
+            )
         ):
             raise ValueError("head, body and tail adapters use different LoRA rank/alpha; cannot merge")
         if state:

@@ -69,7 +69,9 @@ def positions_and_mask(
 class Segment(nn.Module):
     """A contiguous span of decoder layers ``[start, end)`` with its rotary embedding."""
 
-    def __init__(self, layers: dict[int, nn.Module], rotary_emb: nn.Module, config, start: int | None = None) -> None:
+    def __init__(
+        self, layers: dict[int, nn.Module], rotary_emb: nn.Module, config, start: int | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.layers = nn.ModuleDict({str(i): layer for i, layer in sorted(layers.items())})

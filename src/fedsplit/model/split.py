@@ -113,9 +113,14 @@ def split(model: nn.Module, head_layers: int, tail_layers: int) -> SplitModel:
     start, end = body_span(n, head_layers, tail_layers)
     layers = dict(enumerate(decoder.layers))
     head = Head(
-        decoder.embed_tokens, {i: layers[i] for i in range(0, start)}, copy.deepcopy(decoder.rotary_emb), model.config
+        decoder.embed_tokens,
+        {i: layers[i] for i in range(0, start)},
+        copy.deepcopy(decoder.rotary_emb),
+        model.config,
     )
-    body = Body({i: layers[i] for i in range(start, end)}, copy.deepcopy(decoder.rotary_emb), model.config, start)
+    body = Body(
+        {i: layers[i] for i in range(start, end)}, copy.deepcopy(decoder.rotary_emb), model.config, start
+    )
     tail = Tail(
         {i: layers[i] for i in range(end, n)},
         decoder.norm,
@@ -219,7 +224,9 @@ def load_client_parts(spec: str, head_layers: int, tail_layers: int, dtype: torc
     return head, tail
 
 
-def load_split(spec: str, head_layers: int, tail_layers: int, dtype: torch.dtype = torch.float32) -> SplitModel:
+def load_split(
+    spec: str, head_layers: int, tail_layers: int, dtype: torch.dtype = torch.float32
+) -> SplitModel:
     """Load head, body and tail from a checkpoint (all three in this process)."""
     head = load_part(spec, "head", head_layers, tail_layers, dtype=dtype)
     body = load_part(spec, "body", head_layers, tail_layers, dtype=dtype)

@@ -156,7 +156,9 @@ def prune(root: str | Path, keep: int, above: int | None = None) -> None:
 # --------------------------------------------------------------------------- optimizer state
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], prefix: str = "optim.") -> tuple[dict, dict]:
+def optimizer_state(
+    optimizer: torch.optim.Optimizer, names: list[str], prefix: str = "optim."
+) -> tuple[dict, dict]:
     """An optimizer's state as (tensors keyed ``<prefix><param name>.<key>``, JSON-able meta).
 
     ``names`` names the optimizer's parameters in the order it holds them (one param group).
@@ -171,12 +173,15 @@ def optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], prefix: 
                 tensors[f"{prefix}{name}.{key}"] = value.clone()
             else:
                 scalars[f"{name}.{key}"] = value
-    group = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sd["param_groups"][0].items() if k != "params"}
+    group = {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in sd["param_groups"][0].items() if k != "params"
+    }
     return tensors, {"group": group, "scalars": scalars, "names": list(names)}
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict, meta: dict,
-                         prefix: str = "optim.") -> None:
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, names: list[str], tensors: dict, meta: dict, prefix: str = "optim."
+) -> None:
     """Inverse of :func:`optimizer_state`."""
     if meta.get("names") != list(names):
         raise CheckpointError("the checkpoint's optimizer covers different parameters than this model")
@@ -187,8 +192,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], ten
             group[key] = tuple(group[key])
     state: dict[int, dict] = {}
     for index, name in enumerate(names):
-        entry = {k[len(f"{prefix}{name}."):]: v for k, v in tensors.items() if k.startswith(f"{prefix}{name}.")}
-        entry.update({k[len(name) + 1:]: v for k, v in meta["scalars"].items() if k.startswith(f"{name}.")})
+        entry = {
+            k[len(f"{prefix}{name}.") :]: v for k, v in tensors.items() if k.startswith(f"{prefix}{name}.")
+        }
+        entry.update({k[len(name) + 1 :]: v for k, v in meta["scalars"].items() if k.startswith(f"{name}.")})
         if entry:
             state[index] = entry
     group["params"] = sd["param_groups"][0]["params"]

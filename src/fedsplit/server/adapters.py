@@ -154,7 +154,12 @@ class AdapterPool:
 
 
 def _low_rank_updates(
-    layer, x: torch.Tensor, groups: list[tuple[str, int, int]], names: list[str], even: bool, like: torch.Tensor
+    layer,
+    x: torch.Tensor,
+    groups: list[tuple[str, int, int]],
+    names: list[str],
+    even: bool,
+    like: torch.Tensor,
 ) -> torch.Tensor:
     """``scaling * B(A(x))`` of each group's adapter on the group's rows of ``x`` (zeros where it has none)."""
     batched = (

@@ -62,5 +62,5 @@ def bearer(metadata) -> str | None:
     """The token from ``authorization: Bearer <token>`` call metadata."""
     for key, value in metadata or ():
         if key.lower() == "authorization" and value.startswith("Bearer "):
-            return value[len("Bearer "):].strip()
+            return value[len("Bearer ") :].strip()
     return None

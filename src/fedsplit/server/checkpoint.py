@@ -118,26 +118,33 @@ class RunCheckpoints:
         settings = session.pool.settings[session.adapter]
         saved = meta.get("lora", {})
         if meta.get("fingerprint") and self.fingerprint and meta["fingerprint"] != self.fingerprint:
-            raise SessionError("FAILED_PRECONDITION", f"run {session.run_id!r} was trained on a different model")
+            raise SessionError(
+                "FAILED_PRECONDITION", f"run {session.run_id!r} was trained on a different model"
+            )
         if list(meta.get("span", [])) != list(session.config.span):
             raise SessionError(
                 "FAILED_PRECONDITION",
                 f"run {session.run_id!r} was trained on body span {meta.get('span')}, not {list(session.config.span)}",
             )
         if (saved.get("rank"), saved.get("alpha"), tuple(saved.get("targets", ()))) != (
-            settings.rank, settings.alpha, tuple(settings.targets)
+            settings.rank,
+            settings.alpha,
+            tuple(settings.targets),
         ):
             raise SessionError(
-                "FAILED_PRECONDITION", f"run {session.run_id!r} was trained with LoRA {saved}, not {asdict(settings)}"
+                "FAILED_PRECONDITION",
+                f"run {session.run_id!r} was trained with LoRA {saved}, not {asdict(settings)}",
             )
-        state = {k[len(ADAPTER_PREFIX):]: v for k, v in tensors.items() if k.startswith(ADAPTER_PREFIX)}
+        state = {k[len(ADAPTER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(ADAPTER_PREFIX)}
         try:
             session.pool.load_state_dict(session.adapter, state)
             if session.optimizer is not None and meta.get("optimizer"):
                 names = list(session.pool.state_dict(session.adapter))
                 load_optimizer_state(session.optimizer, names, tensors, meta["optimizer"])
         except (KeyError, CheckpointError, ValueError, RuntimeError) as exc:
-            raise SessionError("FAILED_PRECONDITION", f"run {session.run_id!r}: cannot load checkpoint: {exc}") from None
+            raise SessionError(
+                "FAILED_PRECONDITION", f"run {session.run_id!r}: cannot load checkpoint: {exc}"
+            ) from None
 
     # ------------------------------------------------------------------ save
 
@@ -148,11 +155,16 @@ class RunCheckpoints:
         try:
             settings: LoraSettings = session.pool.settings[session.adapter]
             adapter = session.pool.state_dict(session.adapter)
-            opt_tensors, opt_meta = optimizer_state(session.optimizer, list(adapter)) if session.optimizer else ({}, None)
+            opt_tensors, opt_meta = (
+                optimizer_state(session.optimizer, list(adapter)) if session.optimizer else ({}, None)
+            )
             tensors = {ADAPTER_PREFIX + k: v for k, v in adapter.items()} | opt_tensors
             meta = {
-                "kind": "fedsplit-body-run", "owner": session.owner, "run_id": session.run_id,
-                "span": list(session.config.span), "fingerprint": self.fingerprint,
+                "kind": "fedsplit-body-run",
+                "owner": session.owner,
+                "run_id": session.run_id,
+                "span": list(session.config.span),
+                "fingerprint": self.fingerprint,
                 "lora": {**asdict(settings), "targets": list(settings.targets)},
                 "optimizer": opt_meta,
             }

@@ -41,24 +41,48 @@ class ServerConfig:
     layers: tuple[int, int] | None = field(default=None, metadata={"help": "decoder layers [a, b) held"})
     host: str = field(default="127.0.0.1", metadata={"help": "bind address"})
     port: int = field(default=7070, metadata={"help": "port (0 = any free port)"})
-    memory_budget: int = field(default=4 << 30, metadata={"help": "bytes for session state (KV caches, graphs)"})
+    memory_budget: int = field(
+        default=4 << 30, metadata={"help": "bytes for session state (KV caches, graphs)"}
+    )
     session_ttl: float = field(default=600.0, metadata={"help": "seconds before an idle session is evicted"})
     graph_ttl: float = field(default=300.0, metadata={"help": "seconds a forward waits for its backward"})
     max_graphs: int = field(default=16, metadata={"help": "pending training forwards per session"})
-    max_message_bytes: int = field(default=codec.DEFAULT_MAX_MESSAGE_BYTES, metadata={"help": "largest message"})
-    checkpoint_dir: str | None = field(default=None, metadata={"help": "where training runs (OpenSession.run_id) "
-                                                                        "are checkpointed; None = nowhere"})
-    checkpoint_every: int = field(default=100, metadata={"help": "checkpoint each run every K optimiser steps"})
+    max_message_bytes: int = field(
+        default=codec.DEFAULT_MAX_MESSAGE_BYTES, metadata={"help": "largest message"}
+    )
+    checkpoint_dir: str | None = field(
+        default=None,
+        metadata={"help": "where training runs (OpenSession.run_id) are checkpointed; None = nowhere"},
+    )
+    checkpoint_every: int = field(
+        default=100, metadata={"help": "checkpoint each run every K optimiser steps"}
+    )
     checkpoint_keep: int = field(default=3, metadata={"help": "checkpoints kept per run"})
-    mode: str = field(default="independent", metadata={"help": "training of many clients: independent | "
-                                                       "sequential | client-batch | server-hierarchical"})
-    sync_every: int = field(default=0, metadata={"help": "server-hierarchical: average the body replicas every "
-                                                 "R steps (0 = never)"})
-    fedavg_every: int = field(default=0, metadata={"help": "clients average their head/tail adapters every R "
-                                                   "steps (0 = never; server-hierarchical: sync_every)"})
+    mode: str = field(
+        default="independent",
+        metadata={
+            "help": "training of many clients: independent | sequential | client-batch | server-hierarchical"
+        },
+    )
+    sync_every: int = field(
+        default=0,
+        metadata={"help": "server-hierarchical: average the body replicas every R steps (0 = never)"},
+    )
+    fedavg_every: int = field(
+        default=0,
+        metadata={
+            "help": "clients average their head/tail adapters every R "
+            "steps (0 = never; server-hierarchical: sync_every)"
+        },
+    )
     round_timeout: float = field(default=30.0, metadata={"help": "seconds a round waits for missing clients"})
-    gather_ms: float = field(default=250.0, metadata={"help": "server-hierarchical: how long a body pass waits "
-                                                      "for the forwards of clients about to send one (0 = none)"})
+    gather_ms: float = field(
+        default=250.0,
+        metadata={
+            "help": "server-hierarchical: how long a body pass waits "
+            "for the forwards of clients about to send one (0 = none)"
+        },
+    )
 
 
 async def _parsed(request_iterator, context):
@@ -67,7 +91,9 @@ async def _parsed(request_iterator, context):
         async for msg in request_iterator:
             yield msg
     except DecodeError as exc:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a fedsplit.v1.ClientMessage: {exc}")
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"request is not a fedsplit.v1.ClientMessage: {exc}"
+        )
 
 
 def _status(name: str) -> grpc.StatusCode:
@@ -77,7 +103,9 @@ def _status(name: str) -> grpc.StatusCode:
 class SplitServicer(pb_grpc.SplitServiceServicer):
     """Serves every session whose body span lies inside the held layers."""
 
-    def __init__(self, body: Body, config: ServerConfig, fingerprint: str, tokens: TokenStore | None = None) -> None:
+    def __init__(
+        self, body: Body, config: ServerConfig, fingerprint: str, tokens: TokenStore | None = None
+    ) -> None:
         self.body, self.config, self.fingerprint, self.tokens = body, config, fingerprint, tokens
         self.pool = AdapterPool(body)
         self.sessions: dict[str, BodySession] = {}
@@ -85,7 +113,9 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         self.batcher = DecodeBatcher(self.executor)
         self.stats = {"forward": 0, "backward": 0, "errors": 0, "batched_rows": 0}
         self._reserved: dict[str, int] = {}
-        self.runs = RunCheckpoints(config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep, fingerprint)
+        self.runs = RunCheckpoints(
+            config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep, fingerprint
+        )
         from ..federation.modes import make_coordinator  # many clients: fedsplit.federation
 
         self.coordinator = make_coordinator(self)
@@ -129,8 +159,15 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         rank = (config.lora or LoraSettings()).rank
         adapter = layers * 4 * rank * 2 * cfg.hidden_size * 4 * 4  # ~4 targets, A+B, weight+grad+2 moments
         # autograd keeps ~ (6 hidden + 4 intermediate) floats per token per layer, plus attention scores
-        per_token = layers * (6 * cfg.hidden_size + 4 * cfg.intermediate_size + 2 * cfg.num_attention_heads
-                              * config.max_length) * 4
+        per_token = (
+            layers
+            * (
+                6 * cfg.hidden_size
+                + 4 * cfg.intermediate_size
+                + 2 * cfg.num_attention_heads * config.max_length
+            )
+            * 4
+        )
         return adapter + per_token * config.max_length * config.max_batch
 
     def memory_in_use(self) -> int:
@@ -154,16 +191,21 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                 kind = msg.WhichOneof("kind")
                 if kind == "open":
                     if session is not None:
-                        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "session already open on this stream")
+                        await context.abort(
+                            grpc.StatusCode.FAILED_PRECONDITION, "session already open on this stream"
+                        )
                     session = await self._open(msg.open, owner, context)
                     session.attached = True
                     self.coordinator.attach(session)
                     yield pb.ServerMessage(
                         seq=msg.seq,
                         opened=pb.SessionOpened(
-                            session_id=session.id, span_start=session.config.span[0],
-                            span_end=session.config.span[1], info=self.info(),
-                            resumed=getattr(session, "resumed", False), step=getattr(session, "steps", 0),
+                            session_id=session.id,
+                            span_start=session.config.span[0],
+                            span_end=session.config.span[1],
+                            info=self.info(),
+                            resumed=getattr(session, "resumed", False),
+                            step=getattr(session, "steps", 0),
                         ),
                     )
                     continue
@@ -182,8 +224,10 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                     log.exception("%s failed on %s of %s", kind, session.id, owner)
                     self.stats["errors"] += 1
                     closed = True
-                    await context.abort(grpc.StatusCode.INTERNAL, f"the server failed on this {kind} ({exc}); "
-                                        "the session is closed — open a new one")
+                    await context.abort(
+                        grpc.StatusCode.INTERNAL,
+                        f"the server failed on this {kind} ({exc}); the session is closed — open a new one",
+                    )
                 reply.seq = msg.seq
                 yield reply
         finally:
@@ -224,10 +268,16 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             value = getattr(req, name)
             ok = math.isfinite(value) and 0 <= value < 1e3 and (value > 0 or name == "weight_decay")
             if req.HasField(name) and not ok:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"{name} must be finite, below 1000 (learning_rate > 0, weight_decay >= 0)")
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{name} must be finite, below 1000 (learning_rate > 0, weight_decay >= 0)",
+                )
         config = SessionConfig(
-            span=span, mode=mode, max_length=req.max_length, max_batch=batch, lora=lora,
+            span=span,
+            mode=mode,
+            max_length=req.max_length,
+            max_batch=batch,
+            lora=lora,
             lr=req.learning_rate if req.HasField("learning_rate") else 2e-4,
             weight_decay=req.weight_decay if req.HasField("weight_decay") else 0.0,
             warmup_steps=req.warmup_steps,
@@ -238,7 +288,9 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             adopted = await self._open_run(req, owner, config, context)
             if adopted is not None:
                 return adopted
-        need = self._kv_bytes(span, req.max_length, batch) if mode == "generate" else self._train_bytes(config)
+        need = (
+            self._kv_bytes(span, req.max_length, batch) if mode == "generate" else self._train_bytes(config)
+        )
         if self.memory_in_use() + need > self.config.memory_budget:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -246,8 +298,11 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                 f"of the {self.config.memory_budget / 2**20:.1f} MiB budget is in use — retry later or lower max_length",
             )
         try:
-            session = await self._run(lambda: BodySession(
-                self.body, self.pool, config, owner, self.config.max_graphs, self.config.graph_ttl))
+            session = await self._run(
+                lambda: BodySession(
+                    self.body, self.pool, config, owner, self.config.max_graphs, self.config.graph_ttl
+                )
+            )
         except SessionError as exc:
             await context.abort(_status(exc.code), exc.message)
         except ValueError as exc:  # e.g. LoRA target modules the body does not have
@@ -272,7 +327,9 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         )
         return session
 
-    async def _open_run(self, req: pb.OpenSession, owner: str, config: SessionConfig, context) -> BodySession | None:
+    async def _open_run(
+        self, req: pb.OpenSession, owner: str, config: SessionConfig, context
+    ) -> BodySession | None:
         """A named training run: re-attach its parked session if the client can continue from its step."""
         try:
             check_run_id(req.run_id)
@@ -281,15 +338,22 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         if config.mode != "train":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "run_id is for TRAIN sessions")
         if config.adapter is not None:  # a federation mode trains a shared adapter: not one client's run
-            log.info("run %s of %s trains the %s adapter of the %s mode; not checkpointed as a run",
-                     req.run_id, owner, config.adapter, self.coordinator.mode)
+            log.info(
+                "run %s of %s trains the %s adapter of the %s mode; not checkpointed as a run",
+                req.run_id,
+                owner,
+                config.adapter,
+                self.coordinator.mode,
+            )
             return None
         config.run_id, config.adapter = req.run_id, run_adapter_name(owner, req.run_id)
         live = self.runs.find_live(self.sessions, owner, req.run_id)
         if live is None:
             return None
         if getattr(live, "attached", False):
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"run {req.run_id!r} is in use by another stream")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"run {req.run_id!r} is in use by another stream"
+            )
         if not req.resume_steps or live.steps in req.resume_steps:
             live.resumed = live.steps > 0
             log.info("run %s of %s re-attached at step %d", req.run_id, owner, live.steps)
@@ -304,9 +368,13 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r} (closed or evicted)")
         if session.owner != owner:
             log.warning("client %s tried to use session %s of %s", owner, session_id, session.owner)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"session {session_id!r} belongs to another client")
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"session {session_id!r} belongs to another client"
+            )
         if getattr(session, "attached", False):
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"session {session_id!r} is in use by another stream")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"session {session_id!r} is in use by another stream"
+            )
         session.resumed = True
         return session
 
@@ -316,39 +384,67 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             fwd = msg.forward
             rows = len(fwd.pad_lengths)
             stateful = fwd.keep_graph if session.config.mode == "train" else fwd.use_cache
-            limit = (session.config.max_batch * session.config.max_length * hidden_size if stateful
-                     else self.config.max_message_bytes // 2)
-            hidden = codec.decode_tensor(fwd.hidden, expect_shape=(rows, None, hidden_size), max_elements=limit)
+            limit = (
+                session.config.max_batch * session.config.max_length * hidden_size
+                if stateful
+                else self.config.max_message_bytes // 2
+            )
+            hidden = codec.decode_tensor(
+                fwd.hidden, expect_shape=(rows, None, hidden_size), max_elements=limit
+            )
             pad = torch.tensor(list(fwd.pad_lengths), dtype=torch.long)
             if session.config.mode == "generate" and fwd.use_cache and hidden.shape[1] == 1:
                 out = await self.batcher.submit(session, hidden, pad, fwd.position_offset)
             elif session.config.mode == "train" and fwd.keep_graph:
                 out = await self.coordinator.forward(session, fwd.step_id, hidden, pad, fwd.position_offset)
             else:
-                out = await self._run(session.forward, fwd.step_id, hidden, pad, fwd.position_offset,
-                                      fwd.keep_graph, fwd.use_cache)
+                out = await self._run(
+                    session.forward,
+                    fwd.step_id,
+                    hidden,
+                    pad,
+                    fwd.position_offset,
+                    fwd.keep_graph,
+                    fwd.use_cache,
+                )
             self.stats["forward"] += 1
-            return pb.ServerMessage(forward_result=pb.ForwardResult(
-                step_id=fwd.step_id, hidden=codec.encode_tensor(out, session.wire_dtype)))
+            return pb.ServerMessage(
+                forward_result=pb.ForwardResult(
+                    step_id=fwd.step_id, hidden=codec.encode_tensor(out, session.wire_dtype)
+                )
+            )
         if kind == "backward":
             bwd = msg.backward
-            grad = codec.decode_tensor(bwd.grad, expect_shape=(None, None, hidden_size),
-                                       max_elements=session.config.max_batch * session.config.max_length * hidden_size)
+            grad = codec.decode_tensor(
+                bwd.grad,
+                expect_shape=(None, None, hidden_size),
+                max_elements=session.config.max_batch * session.config.max_length * hidden_size,
+            )
             weight = bwd.loss_weight if bwd.HasField("loss_weight") else None
             grad_in = await self.coordinator.backward(session, bwd.step_id, grad, weight)
             self.stats["backward"] += 1
-            return pb.ServerMessage(backward_result=pb.BackwardResult(
-                step_id=bwd.step_id, grad=codec.encode_tensor(grad_in, session.wire_dtype)))
+            return pb.ServerMessage(
+                backward_result=pb.BackwardResult(
+                    step_id=bwd.step_id, grad=codec.encode_tensor(grad_in, session.wire_dtype)
+                )
+            )
         if kind == "step":
             clip = msg.step.grad_clip_norm if msg.step.HasField("grad_clip_norm") else 0.0
             await self.coordinator.step(session, clip)
             saved = await self._run(self.runs.after_step, session, msg.step.checkpoint)
-            return pb.ServerMessage(step_done=pb.StepDone(
-                step_id=msg.step.step_id, stats={"step": float(session.steps), "checkpointed": float(saved)}))
+            return pb.ServerMessage(
+                step_done=pb.StepDone(
+                    step_id=msg.step.step_id,
+                    stats={"step": float(session.steps), "checkpointed": float(saved)},
+                )
+            )
         if kind == "fetch_adapter":
             settings, state = await self._run(session.adapter_state)
-            return pb.ServerMessage(adapter=pb.AdapterState(
-                lora=lora_to_proto(settings), tensors=codec.named_tensors(state, "fp32")))
+            return pb.ServerMessage(
+                adapter=pb.AdapterState(
+                    lora=lora_to_proto(settings), tensors=codec.named_tensors(state, "fp32")
+                )
+            )
         if kind == "put_adapter":
             put = msg.put_adapter
             limit = sum(p.numel() for p in self.body.parameters())
@@ -391,9 +487,12 @@ async def start_server(
     """Start serving; returns the server and the bound port."""
     # Keepalive pings find peers that vanished without closing their TCP connection (a host that
     # lost power); their streams then break, their sessions are parked and the TTL frees them.
-    keepalive = [("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
-                 ("grpc.keepalive_permit_without_calls", 1),
-                 ("grpc.http2.min_ping_interval_without_data_ms", 20_000)]  # accept clients' pings too
+    keepalive = [  # accept clients' pings too
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+    ]
     server = grpc.aio.server(options=codec.channel_options(config.max_message_bytes) + keepalive)
     pb_grpc.add_SplitServiceServicer_to_server(servicer, server)
     address = f"{config.host}:{config.port}"

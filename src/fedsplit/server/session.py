@@ -84,7 +84,8 @@ class BodySession:
         held = body.span
         if not (held[0] <= start <= end <= held[1]):
             raise SessionError(
-                "OUT_OF_RANGE", f"body span [{start}, {end}) is outside the layers this server holds {list(held)}"
+                "OUT_OF_RANGE",
+                f"body span [{start}, {end}) is outside the layers this server holds {list(held)}",
             )
         if config.mode not in ("train", "generate"):
             raise SessionError("INVALID_ARGUMENT", f"mode must be train or generate, not {config.mode!r}")
@@ -108,7 +109,11 @@ class BodySession:
                 pool.create(self.adapter, config.lora or LoraSettings(), config.seed)
             params = self._adapter_params = pool.parameters(self.adapter)
             # An empty body span has nothing to train; steps are then no-ops.
-            self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True) if params else None
+            self.optimizer = (
+                torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+                if params
+                else None
+            )
 
     @property
     def hidden_size(self) -> int:
@@ -124,25 +129,36 @@ class BodySession:
         batch, tokens = hidden.shape[:2]
         cache_offset, offset = offset, offset or 0
         if pad_lengths.shape != (batch,):
-            raise SessionError("INVALID_ARGUMENT", f"pad_lengths has {pad_lengths.numel()} rows, hidden has {batch}")
+            raise SessionError(
+                "INVALID_ARGUMENT", f"pad_lengths has {pad_lengths.numel()} rows, hidden has {batch}"
+            )
         if cache_offset is None:
             return  # stateless: holds nothing after the call; the message size bounds it
         if batch > self.config.max_batch:
-            raise SessionError("INVALID_ARGUMENT", f"batch {batch} exceeds the session's max_batch {self.config.max_batch}")
+            raise SessionError(
+                "INVALID_ARGUMENT", f"batch {batch} exceeds the session's max_batch {self.config.max_batch}"
+            )
         if offset + tokens > self.config.max_length:
             raise SessionError(
-                "OUT_OF_RANGE", f"{offset + tokens} tokens exceed the session's max_length {self.config.max_length}"
+                "OUT_OF_RANGE",
+                f"{offset + tokens} tokens exceed the session's max_length {self.config.max_length}",
             )
         if bool((pad_lengths > offset + tokens).any()):
             raise SessionError("INVALID_ARGUMENT", "a pad length exceeds the sequence length")
         if cache_offset is not None and self.cache is not None and offset != self.cache.length:
             raise SessionError(
-                "FAILED_PRECONDITION", f"position offset {offset} does not match the cache length {self.cache.length}"
+                "FAILED_PRECONDITION",
+                f"position offset {offset} does not match the cache length {self.cache.length}",
             )
 
     def forward(
-        self, step_id: int, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int = 0,
-        keep_graph: bool = True, use_cache: bool = True,
+        self,
+        step_id: int,
+        hidden: torch.Tensor,
+        pad_lengths: torch.Tensor,
+        offset: int = 0,
+        keep_graph: bool = True,
+        use_cache: bool = True,
     ) -> torch.Tensor:
         """Body forward over the session's span.
 
@@ -153,7 +169,9 @@ class BodySession:
         self.last_used = time.monotonic()
         stateful = keep_graph if self.config.mode == "train" else use_cache
         if offset and not (stateful and self.cache is not None):  # positions past a cache that is not there
-            raise SessionError("INVALID_ARGUMENT", f"position offset {offset} without a KV cache; it must be 0")
+            raise SessionError(
+                "INVALID_ARGUMENT", f"position offset {offset} without a KV cache; it must be 0"
+            )
         self._check(hidden, pad_lengths, offset if stateful else None)
         self.pool.activate(self.adapter)
         if not stateful:
@@ -223,7 +241,11 @@ class BodySession:
 
     def _in_span(self, key: str) -> bool:
         parts = key.split(".")
-        return len(parts) > 1 and parts[0] == "layers" and self.config.span[0] <= int(parts[1]) < self.config.span[1]
+        return (
+            len(parts) > 1
+            and parts[0] == "layers"
+            and self.config.span[0] <= int(parts[1]) < self.config.span[1]
+        )
 
     def adapter_state(self) -> tuple[LoraSettings, dict[str, torch.Tensor]]:
         """The body LoRA of this session's span only (the server may hold more layers)."""
@@ -236,8 +258,10 @@ class BodySession:
         """Load body LoRA weights into this session's adapter (creating a private one if needed)."""
         outside = [k for k in state if not self._in_span(k)]
         if outside:
-            raise SessionError("INVALID_ARGUMENT", f"adapter weight {outside[0]} is outside the session's body span "
-                                                   f"{list(self.config.span)}")
+            raise SessionError(
+                "INVALID_ARGUMENT",
+                f"adapter weight {outside[0]} is outside the session's body span {list(self.config.span)}",
+            )
         if self.adapter is None:
             self.adapter = f"session_{self.id}"
             self.pool.create(self.adapter, settings)

@@ -201,7 +201,11 @@ def _single_token_choices(choices: Sequence[Encoded]) -> tuple[list[int], list[i
 
 @torch.no_grad()
 def _predict_from_shared_prefix(
-    shared: Sequence[tuple[list[int], list[int]]], logits_fn: LogitsFn, pad_id: int, batch_size: int, progress: bool
+    shared: Sequence[tuple[list[int], list[int]]],
+    logits_fn: LogitsFn,
+    pad_id: int,
+    batch_size: int,
+    progress: bool,
 ) -> list[int]:
     preds = [0] * len(shared)
     order = sorted(range(len(shared)), key=lambda i: len(shared[i][0]))
@@ -209,7 +213,9 @@ def _predict_from_shared_prefix(
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             batch = collate([Encoded(shared[i][0], [IGNORE_INDEX] * len(shared[i][0])) for i in rows], pad_id)
-            last = torch.log_softmax(logits_fn(batch["input_ids"], batch["pad_lengths"])[:, -1].float(), dim=-1)
+            last = torch.log_softmax(
+                logits_fn(batch["input_ids"], batch["pad_lengths"])[:, -1].float(), dim=-1
+            )
             for j, i in enumerate(rows):
                 preds[i] = int(last[j, torch.tensor(shared[i][1])].argmax())
             bar.update(len(rows))

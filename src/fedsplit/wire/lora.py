@@ -11,7 +11,10 @@ from .codec import WireError
 
 def lora_to_proto(settings: LoraSettings) -> pb.LoraConfig:
     return pb.LoraConfig(
-        rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout, target_modules=list(settings.targets)
+        rank=settings.rank,
+        alpha=settings.alpha,
+        dropout=settings.dropout,
+        target_modules=list(settings.targets),
     )
 
 
@@ -23,7 +26,12 @@ def lora_from_proto(msg: pb.LoraConfig) -> LoraSettings:
     if not (0.0 <= msg.dropout < 1.0):  # also false for NaN
         raise WireError(f"LoRA dropout must be in [0, 1), got {msg.dropout}")
     if any(not name or not name.isidentifier() for name in msg.target_modules):
-        raise WireError(f"LoRA target modules must be module names like q_proj, got {list(msg.target_modules)}")
+        raise WireError(
+            f"LoRA target modules must be module names like q_proj, got {list(msg.target_modules)}"
+        )
     return LoraSettings(
-        msg.rank, msg.alpha or 2.0 * msg.rank, msg.dropout, tuple(msg.target_modules) or LoraSettings().targets
+        msg.rank,
+        msg.alpha or 2.0 * msg.rank,
+        msg.dropout,
+        tuple(msg.target_modules) or LoraSettings().targets,
     )
