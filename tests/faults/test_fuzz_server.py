@@ -243,6 +243,20 @@ def requests(draw):
     return pb.ClientMessage()
 
 
+def _train_open(h, **extra) -> pb.OpenSession:
+    """A valid TRAIN open of the body layers 1-3 with a small LoRA, fp32 on the wire."""
+    return pb.OpenSession(
+        model_fingerprint=h.fingerprint,
+        span_start=1,
+        span_end=3,
+        mode=pb.TRAIN,
+        max_length=8,
+        wire_dtype=pb.FP32,
+        lora=pb.LoraConfig(rank=2, alpha=4.0),
+        **extra,
+    )
+
+
 def _serialize(msgs) -> list[bytes]:
     return [m.SerializeToString() for m in msgs]
 
@@ -278,15 +292,7 @@ def test_out_of_order_and_replayed_steps_follow_the_protocol(h, ops):
     count_case("order")
     hidden = tensor(torch.randn(1, 3, HIDDEN, generator=torch.Generator().manual_seed(5)))
     grad = tensor(torch.ones(1, 3, HIDDEN))
-    open_ = pb.OpenSession(
-        model_fingerprint=h.fingerprint,
-        span_start=1,
-        span_end=3,
-        mode=pb.TRAIN,
-        max_length=8,
-        wire_dtype=pb.FP32,
-        lora=pb.LoraConfig(rank=2, alpha=4.0),
-    )
+    open_ = _train_open(h)
     msgs, expected, pending = [pb.ClientMessage(seq=0, open=open_)], ["opened"], set()
     for seq, (kind, step_id) in enumerate(ops, 1):
         if kind == "forward":
@@ -329,16 +335,7 @@ def _reply_kind(reply):
 
 def _valid_train_stream(h) -> list[bytes]:
     hidden = torch.randn(1, 3, HIDDEN, generator=torch.Generator().manual_seed(3))
-    open_ = pb.OpenSession(
-        model_fingerprint=h.fingerprint,
-        span_start=1,
-        span_end=3,
-        mode=pb.TRAIN,
-        max_length=8,
-        wire_dtype=pb.FP32,
-        lora=pb.LoraConfig(rank=2, alpha=4.0),
-        run_id="mut",
-    )
+    open_ = _train_open(h, run_id="mut")
     msgs = [
         pb.ClientMessage(seq=1, open=open_),
         pb.ClientMessage(

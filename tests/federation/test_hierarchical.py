@@ -17,6 +17,16 @@ def _grads(clients=CLIENTS, seed=9):
     return [torch.randn(h.shape, generator=gen) for h, _ in clients]
 
 
+def _trained_alone(make_servicer, seed, hidden, pad, grad):
+    """One training step of a replica by itself: its output, input gradient and adapter afterwards."""
+    alone = make_servicer("independent")
+    solo = open_train(alone, seed=seed, owner="solo")
+    out = solo.forward(1, hidden, pad, 0)
+    grad_in = solo.backward(1, grad)
+    solo.step()
+    return out, grad_in, alone.pool.state_dict(solo.adapter)
+
+
 async def _queued_forwards(servicer, sessions, clients=CLIENTS):
     """Forwards sent while the body worker is busy, so they queue and run together."""
     gate = threading.Event()
@@ -48,15 +58,11 @@ def test_queued_replica_forwards_run_as_one_pass_and_train_each_replica_as_if_al
     assert coord.passes == 1 and coord.joint_rows == sum(h.shape[0] for h, _ in clients)
 
     for i, ((hidden, pad), seed) in enumerate(zip(clients, SEEDS)):
-        alone = make_servicer("independent")
-        solo = open_train(alone, seed=seed, owner="solo")
-        want_out = solo.forward(1, hidden, pad, 0)
-        want_grad_in = solo.backward(1, grads[i])
-        solo.step()
+        want_out, want_grad_in, want = _trained_alone(make_servicer, seed, hidden, pad, grads[i])
         real = torch.arange(hidden.shape[1])[None] >= pad[:, None]
         assert torch.allclose(outs[i][real], want_out[real], atol=1e-5)
         assert torch.allclose(grad_ins[i][real], want_grad_in[real], rtol=1e-4, atol=1e-6)
-        want, got = alone.pool.state_dict(solo.adapter), servicer.pool.state_dict(sessions[i].adapter)
+        got = servicer.pool.state_dict(sessions[i].adapter)
         assert any(
             not torch.equal(v, servicer.pool.state_dict(sessions[i - 1].adapter)[k]) for k, v in got.items()
         )
@@ -120,12 +126,7 @@ def test_a_pass_goes_ahead_without_a_silent_client_whose_late_gradient_is_refuse
     assert any(not torch.equal(after[k], before[k]) for k in before)  # its own step, after the retry
     assert coord.passes == 1 and coord.alone == 1
     # Nothing of the closed pass leaked into that step: it is the step of a client alone.
-    alone = make_servicer("independent")
-    solo = open_train(alone, seed=SEEDS[2], owner="solo")
-    solo.forward(2, *CLIENTS[2], 0)
-    solo.backward(2, grads[2])
-    solo.step()
-    want = alone.pool.state_dict(solo.adapter)
+    *_, want = _trained_alone(make_servicer, SEEDS[2], *CLIENTS[2], grads[2])
     for key in want:
         assert torch.allclose(after[key], want[key], atol=1e-6), key
 
