@@ -28,10 +28,11 @@ def test_parallel_modes_body_lr_scales_with_the_clients_one_body_step_covers():
         {"sequential": 5e-4, "client-batch": 4e-3, "server-hierarchical": 4e-3}
     )
     assert set(body_lrs(sim, "none").values()) == {5e-4}
+    assert body_lrs(SimulateConfig(clients=4, lr=5e-4), "sqrt")["client-batch"] == pytest.approx(1e-3)
     explicit = body_lrs(SimulateConfig(clients=4, lr=5e-4, body_lr=1e-4), "linear")
     assert explicit["sequential"] == pytest.approx(1e-4) and explicit["client-batch"] == pytest.approx(4e-4)
     with pytest.raises(ValueError, match="linear"):
-        body_lrs(sim, "sqrt")
+        body_lrs(sim, "cubic")
 
 
 @pytest.mark.parametrize(

@@ -192,7 +192,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         body_lr_scale: str = typer.Option(
             "linear",
             help="body LoRA learning rate of the parallel modes: linear = lr x clients (one body step "
-            "covers every client's batch), none = lr",
+            "covers every client's batch), sqrt = lr x sqrt(clients), none = lr",
         ),
         out: Path = typer.Option(Path("results/train-modes"), help="report folder"),
         json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures to this JSON file"),

@@ -44,7 +44,8 @@ class TrainModesConfig:
         default="linear",
         metadata={
             "help": "learning rate of the parallel modes' body LoRA: linear = lr x clients (one body "
-            "step, or one FedAvg of the replicas, covers every client's batch), none = lr"
+            "step, or one FedAvg of the replicas, covers every client's batch), sqrt = lr x sqrt(clients), "
+            "none = lr"
         },
     )
     out: str = field(default="results/train-modes", metadata={"help": "report folder"})
@@ -225,12 +226,12 @@ def body_lrs(sim: SimulateConfig, scale: str) -> dict[str, float]:
     union of the clients' batches; server-hierarchical one per replica, averaged over the
     clients. At one learning rate the parallel modes move the body about ``clients`` times
     less for the same examples; ``linear`` (the linear scaling rule for an N-times larger
-    batch) makes up for it.
+    batch) makes up for it, ``sqrt`` (the square-root rule usually given for Adam) partly.
     """
     base = sim.lr if sim.body_lr is None else sim.body_lr
-    factors = {"none": 1, "linear": sim.clients}
+    factors = {"none": 1.0, "sqrt": sim.clients**0.5, "linear": float(sim.clients)}
     if scale not in factors:
-        raise ValueError(f"body lr scale must be 'linear' or 'none', not {scale!r}")
+        raise ValueError(f"body lr scale must be one of {', '.join(factors)}, not {scale!r}")
     return {mode: base * factors[scale] if mode in PARALLEL else base for mode in MODES}
 
 
