@@ -26,8 +26,9 @@ demo: setup
 test: setup
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
+# Everything but the tests that load the real model (slow) or spawn processes (e2e); meant to stay under 2 minutes.
 test-fast: setup
-	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "not slow and not e2e" $(PYTEST_ARGS)
 
 proto: setup
 	bash scripts/gen_proto.sh

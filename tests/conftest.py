@@ -5,6 +5,12 @@ import torch
 
 from fedsplit.model.loading import load_model
 
+# The tiny model's matrices are far too small to share between threads: a second intra-op thread
+# only adds synchronisation, and when the cores are busy (servers and clients in threads, parallel
+# jobs) OpenMP's waiting threads make every op 10-20x slower. Processes that tests spawn keep
+# their own setting.
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def tiny():

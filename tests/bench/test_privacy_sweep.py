@@ -2,6 +2,7 @@
 
 import json
 
+from fedsplit.bench.config import AttackConfig, PrivacyBenchConfig
 from fedsplit.bench.privacy import QUICK_GRID, pareto, sweep
 
 
@@ -15,7 +16,7 @@ def test_sweep_on_the_tiny_model_writes_rows_table_and_plots(tmp_path):
         label_n=16,
         extra=[("relaxation", 1, "none")],
     )
-    summary = sweep(spec="tiny-llama", out=tmp_path, grid=grid, progress=False)
+    summary = sweep(PrivacyBenchConfig(model="tiny-llama", out=str(tmp_path)), grid=grid, progress=False)
     rows = {(r["attack"], r["defense"]): r for r in summary["rows"]}
     assert set(rows) == {
         ("vmi", "none"),
@@ -49,4 +50,4 @@ def test_gradient_defence_is_refused_for_attacks_that_do_not_observe_gradients()
     from fedsplit.bench.privacy import attack_with_cost
 
     with pytest.raises(ValueError, match="label attack only"):
-        attack_with_cost("vmi", None, spec="tiny-llama", n=2, grad_defense="gaussian:1")
+        attack_with_cost(AttackConfig(attack="vmi", model="tiny-llama", n=2, grad_defense="gaussian:1"))

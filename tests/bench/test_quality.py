@@ -2,20 +2,27 @@
 
 import json
 
+import pytest
+
+from fedsplit.bench.config import QualityBenchConfig
 from fedsplit.bench.quality import run
+
+pytestmark = pytest.mark.e2e
 
 
 def test_bench_quality_reports_every_run_with_the_same_seed(tmp_path):
     figures = run(
-        model="tiny-llama",
-        task="sentiment",
-        steps=3,
-        batch_size=2,
-        eval_examples=6,
-        max_length=48,
-        out=tmp_path,
-        head_layers=1,
-        tail_layers=1,
+        QualityBenchConfig(
+            model="tiny-llama",
+            task="sentiment",
+            steps=3,
+            batch_size=2,
+            eval_examples=6,
+            max_length=48,
+            out=str(tmp_path),
+            head_layers=1,
+            tail_layers=1,
+        )
     )
     for name in ("untrained", "centralized", "split", "split_noise"):
         assert 0.0 <= figures[f"{name}_accuracy"] <= 1.0

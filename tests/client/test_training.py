@@ -6,7 +6,7 @@ from peft import inject_adapter_in_model
 from fedsplit.client.core import LocalTransport, SplitClient, lm_loss
 from fedsplit.model.lora import LoraSettings, add_lora, seed_lora
 from fedsplit.model.split import load_part
-from fedsplit.server.session import SessionConfig
+from fedsplit.wire.protocol import SessionConfig
 
 LORA = LoraSettings(rank=4, alpha=8.0)
 SEED = 3

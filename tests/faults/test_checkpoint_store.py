@@ -103,6 +103,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_kill_9_during_writes_leaves_only_complete_checkpoints(tmp_path):
     """SIGKILL a process that writes checkpoints in a loop, at several moments; every survivor verifies."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -10,7 +10,7 @@ import pytest
 from fedsplit.bench.procs import free_port
 from fedsplit.cli.config import ConfigError, load_dataclass_file
 from fedsplit.cli.main import app
-from fedsplit.client.train import TrainConfig
+from fedsplit.client.config import TrainConfig
 from fedsplit.model.loading import load_model
 
 
@@ -87,6 +87,7 @@ def test_resume_without_a_run_is_a_one_line_error(tmp_path, capsys):
     assert "nothing to resume" in line
 
 
+@pytest.mark.e2e
 def test_unreachable_server_and_model_mismatch_are_one_line_errors_from_the_real_command(tmp_path, server):
     """The installed entry point, as a user runs it: no traceback for either mistake."""
     other = tmp_path / "other-model"  # same architecture, different config: a different fingerprint
@@ -123,8 +124,8 @@ def test_unreachable_server_and_model_mismatch_are_one_line_errors_from_the_real
 
 @pytest.fixture
 def server():
+    from fedsplit.server.config import ServerConfig
     from fedsplit.server.runner import build_servicer, start_background
-    from fedsplit.server.service import ServerConfig
 
     srv = start_background(build_servicer(ServerConfig(model="tiny-llama", port=0)))
     yield srv

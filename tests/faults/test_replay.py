@@ -7,15 +7,15 @@ from fedsplit.client.remote import RemoteTransport
 from fedsplit.client.resilience import ReplayingTransport
 from fedsplit.model.lora import LoraSettings
 from fedsplit.model.split import load_part
+from fedsplit.server.config import ServerConfig
 from fedsplit.server.runner import build_servicer, start_background
-from fedsplit.server.service import ServerConfig
-from fedsplit.server.session import SessionConfig
+from fedsplit.wire.protocol import SessionConfig
 
 SPEC = "tiny-llama"
 
 
 def serve(port=0):
-    return start_background(build_servicer(ServerConfig(model=SPEC, port=port)))
+    return start_background(build_servicer(ServerConfig(model=SPEC, port=port, shutdown_grace=0.2)))
 
 
 def client(address, fingerprint, exact=True):

@@ -10,9 +10,9 @@ from fedsplit.client.remote import RemoteError, RemoteTransport
 from fedsplit.model.lora import LoraSettings
 from fedsplit.model.store import checkpoint_steps
 from fedsplit.server.auth import add_token
+from fedsplit.server.config import ServerConfig
 from fedsplit.server.runner import build_servicer, start_background
-from fedsplit.server.service import ServerConfig
-from fedsplit.server.session import SessionConfig
+from fedsplit.wire.protocol import SessionConfig
 
 LORA = LoraSettings(rank=2, alpha=4.0)
 
@@ -23,7 +23,11 @@ def start(tmp_path, port=0, **kw):
         for name in ("alice", "bob"):
             (tmp_path / f"{name}.token").write_text(add_token(tokens, name))
     config = ServerConfig(
-        model="tiny-llama", port=port, checkpoint_dir=str(tmp_path / "runs"), checkpoint_every=2, **kw
+        model="tiny-llama",
+        port=port,
+        checkpoint_dir=str(tmp_path / "runs"),
+        checkpoint_every=2,
+        **{"shutdown_grace": 0.2, **kw},
     )
     return start_background(build_servicer(config, tokens_file=str(tokens)))
 

@@ -5,6 +5,7 @@ import logging
 import shutil
 import threading
 
+import pytest
 import torch
 
 from fedsplit.bench.procs import free_port, server_process
@@ -16,9 +17,11 @@ from fedsplit.model.loading import model_fingerprint
 from fedsplit.model.lora import LoraSettings, add_lora, lora_state_dict
 from fedsplit.model.split import load_part
 from fedsplit.privacy import parse_defense
+from fedsplit.server.config import ServerConfig
 from fedsplit.server.runner import build_servicer, start_background
-from fedsplit.server.service import ServerConfig
-from fedsplit.server.session import SessionConfig
+from fedsplit.wire.protocol import SessionConfig
+
+pytestmark = pytest.mark.e2e
 
 SPEC, LORA, K, STEPS, KILL_AT = "tiny-llama", LoraSettings(rank=4, alpha=8.0), 2, 8, 5
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fedsplit.client.train import TrainConfig, run_training
+from fedsplit.client.config import TrainConfig
+from fedsplit.client.train import run_training
 from fedsplit.model.store import checkpoint_steps
 
 

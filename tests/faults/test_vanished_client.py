@@ -7,14 +7,17 @@ import sys
 import textwrap
 import threading
 
+import pytest
 import torch
 from faultkit import wait_until
 
 from fedsplit.client.remote import RemoteTransport
 from fedsplit.model.lora import LoraSettings
+from fedsplit.server.config import ServerConfig
 from fedsplit.server.runner import build_servicer, start_background
-from fedsplit.server.service import ServerConfig
-from fedsplit.server.session import SessionConfig
+from fedsplit.wire.protocol import SessionConfig
+
+pytestmark = pytest.mark.e2e
 
 TTL = 1.5
 

@@ -2,14 +2,16 @@ import pytest
 
 from fedsplit.model.loading import model_fingerprint
 from fedsplit.server.auth import add_token
+from fedsplit.server.config import ServerConfig
 from fedsplit.server.runner import build_servicer, start_background
-from fedsplit.server.service import ServerConfig
 
 
 @pytest.fixture
 def server():
     """A tiny-llama server holding all 4 layers on a free loopback port, stopped after the test."""
-    srv = start_background(build_servicer(ServerConfig(model="tiny-llama", port=0, host="127.0.0.1")))
+    srv = start_background(
+        build_servicer(ServerConfig(model="tiny-llama", port=0, host="127.0.0.1", shutdown_grace=0.2))
+    )
     yield srv
     srv.stop()
 
@@ -18,7 +20,9 @@ def server():
 def auth_server(tmp_path):
     tokens = tmp_path / "tokens"
     alice, bob = add_token(tokens, "alice"), add_token(tokens, "bob")
-    srv = start_background(build_servicer(ServerConfig(model="tiny-llama", port=0), tokens_file=str(tokens)))
+    srv = start_background(
+        build_servicer(ServerConfig(model="tiny-llama", port=0, shutdown_grace=0.2), tokens_file=str(tokens))
+    )
     yield srv, {"alice": alice, "bob": bob}
     srv.stop()
 

@@ -3,7 +3,8 @@ import torch
 from fedsplit.model.split import load_part
 from fedsplit.server.adapters import AdapterPool
 from fedsplit.server.batching import run_batch
-from fedsplit.server.session import BodySession, SessionConfig
+from fedsplit.server.session import BodySession
+from fedsplit.wire.protocol import SessionConfig
 
 
 def prefilled(body, pool, length, seed):

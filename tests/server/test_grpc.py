@@ -11,7 +11,7 @@ from fedsplit.client.core import LocalTransport, SplitClient
 from fedsplit.client.remote import RemoteError, RemoteTransport
 from fedsplit.model.lora import LoraSettings, add_lora
 from fedsplit.model.split import load_part
-from fedsplit.server.session import SessionConfig
+from fedsplit.wire.protocol import SessionConfig
 
 SPEC = "tiny-llama"
 LORA = LoraSettings(rank=4, alpha=8.0)
@@ -188,8 +188,8 @@ def test_backward_for_unknown_step_is_not_found(server, fingerprint):
 
 
 def test_admission_refuses_sessions_beyond_memory_budget(fingerprint):
+    from fedsplit.server.config import ServerConfig
     from fedsplit.server.runner import build_servicer, start_background
-    from fedsplit.server.service import ServerConfig
 
     config = ServerConfig(model=SPEC, port=0, memory_budget=1_000_000)
     with start_background(build_servicer(config)) as srv:

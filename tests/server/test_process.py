@@ -4,7 +4,11 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from fedsplit.bench.procs import server_process
+
+pytestmark = pytest.mark.e2e
 
 
 def test_serve_process_streams_generation_and_exits_cleanly_on_sigterm():

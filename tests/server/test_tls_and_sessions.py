@@ -7,8 +7,8 @@ import torch
 
 from fedsplit.client.api import SplitModelForCausalLM
 from fedsplit.model.split import split
+from fedsplit.server.config import ServerConfig
 from fedsplit.server.runner import build_servicer, start_background
-from fedsplit.server.service import ServerConfig
 
 
 def self_signed(tmp_path):
@@ -62,7 +62,7 @@ def test_generation_over_tls(tmp_path):
         assert torch.equal(out, local.generate(ids, max_new_tokens=4, eos_token_id=[]))
         # a plaintext client cannot talk to a TLS server
         from fedsplit.client.remote import RemoteTransport, ServerUnreachable
-        from fedsplit.server.session import SessionConfig
+        from fedsplit.wire.protocol import SessionConfig
 
         with pytest.raises(ServerUnreachable):
             RemoteTransport(srv.address, retries=0).open(SessionConfig(span=(1, 3), max_length=8))

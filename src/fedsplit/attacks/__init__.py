@@ -17,11 +17,11 @@ from .inversion import invert_nearest, invert_relaxation, invert_vmi, nearest_to
 from .label import LABEL_METHODS, gradient_features, infer_labels, kmeans, match_clusters, victim_gradients
 from .learned import Inverter, refine, train_inverter
 from .metrics import accuracy, auc, bleu4, mean_text_scores, rouge_l, token_prf
+from .result import AttackResult
 from .runner import (
     ATTACKS,
     EXTRA_ATTACKS,
     INVERSION_ATTACKS,
-    AttackResult,
     encode_texts,
     evaluate_attack,
     run_inversion,

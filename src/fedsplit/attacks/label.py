@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .result import AttackResult
+
 log = logging.getLogger(__name__)
 
 LABEL_METHODS = ("auto", "norm", "cluster", "classifier")
@@ -248,7 +250,7 @@ def evaluate_label_attack(
     inference literature — and uses them to orient/threshold scores or name clusters.
     With ``binary`` only the first and the last label are kept (negative vs positive for
     ``sentiment``), so the binary ``norm`` attack applies.
-    Returns an :class:`~fedsplit.attacks.runner.AttackResult` with ``label_accuracy`` and ``auc``.
+    Returns an :class:`~fedsplit.attacks.result.AttackResult` with ``label_accuracy`` and ``auc``.
     """
     import dataclasses
     import time
@@ -258,7 +260,6 @@ def evaluate_label_attack(
     from ..privacy import parse_defense, parse_grad_defense
     from ..tasks import collate, encode_example, load_task, pad_id_of
     from .metrics import accuracy, auc
-    from .runner import AttackResult
 
     start = time.perf_counter()
     data = load_task(task, max_examples=max((8 if binary else 4) * n, 64), seed=seed)

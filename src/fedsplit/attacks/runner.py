@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -27,6 +26,7 @@ from .inversion import (
 )
 from .learned import DEFAULT_INVERTER_STEPS, Inverter, refine, train_inverter
 from .metrics import mean_text_scores, token_prf
+from .result import AttackResult
 
 log = logging.getLogger(__name__)
 
@@ -38,32 +38,6 @@ INVERSION_ATTACKS = ("vmi", "relaxation", "learned", "nearest", "bisr")
 DEFAULT_MAX_TOKENS = 32
 DEFAULT_AUX_EXAMPLES = 1024
 QUICK = {"n": 32, "vmi": 40, "relaxation": 40, "learned": 100, "bisr": 20, "aux": 256}
-
-
-@dataclass
-class AttackResult:
-    """One attack against one defence; :meth:`as_dict` gives the flat row benchmarks write."""
-
-    attack: str
-    defense: str
-    head_layers: int
-    n: int
-    seconds: float
-    token_precision: float | None = None
-    token_recall: float | None = None
-    token_f1: float | None = None
-    rougeL: float | None = None
-    bleu4: float | None = None
-    label_accuracy: float | None = None
-    auc: float | None = None
-    model: str = ""
-    task: str = ""
-    samples: list[tuple[str, str]] = field(default_factory=list)  # (true, recovered) texts, a few
-
-    def as_dict(self) -> dict[str, object]:
-        """Flat dict of the scores that apply (token scores for inversion, label scores for ``label``)."""
-        row = {k: v for k, v in asdict(self).items() if k != "samples" and v is not None}
-        return row
 
 
 def encode_texts(

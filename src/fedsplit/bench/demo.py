@@ -11,16 +11,20 @@ from rich.console import Console
 from rich.table import Table
 
 from ..client.api import SplitModelForCausalLM
-from ..client.train import TrainConfig, build_client, run_training
+from ..client.config import TrainConfig
+from ..client.train import build_client, run_training
 from ..model.loading import load_tokenizer
-from ..server.session import SessionConfig
+from ..wire.protocol import SessionConfig
+from .config import DemoConfig
 from .procs import server_process
 
 log = logging.getLogger(__name__)
 QUESTION = "What is the capital of France?"
 
 
-def run_demo(model: str, steps: int, batch_size: int, noise: float, eval_examples: int, out: Path) -> dict:
+def run_demo(cfg: DemoConfig) -> dict:
+    """Start a server, fine-tune through it with noise, score before and after, generate; print a table."""
+    model, steps, noise, out = cfg.model, cfg.steps, cfg.noise, Path(cfg.out)
     console = Console()
     started = time.perf_counter()
     console.rule("[bold]fedsplit demo")
@@ -28,27 +32,27 @@ def run_demo(model: str, steps: int, batch_size: int, noise: float, eval_example
         console.print(
             f"server: `fedsplit serve --model {model}` on {address} (holds the body; never sees text)"
         )
-        cfg = TrainConfig(
+        train = TrainConfig(
             model=model,
             server=address,
             head_layers=2,
             tail_layers=2,
             task="sentiment",
             steps=steps,
-            batch_size=batch_size,
+            batch_size=cfg.batch_size,
             lr=3e-4,
             max_length=96,
             noise=noise,
             noise_relative=True,
-            eval_examples=eval_examples,
+            eval_examples=cfg.eval_examples,
             out=str(out),
         )
-        client = build_client(cfg)
+        client = build_client(train)
         console.print(
             f"client: head = embedding + blocks [0, 2), tail = blocks [{client.span[1]}, "
             f"{client.span[1] + 2}) + LM head; noise {noise} x RMS on every hidden state sent"
         )
-        summary = run_training(cfg, client, evaluate_before=True)
+        summary = run_training(train, client, evaluate_before=True)
         traffic = client.transport.traffic
 
         # Generation through the same server, with the fine-tuned body adapter.

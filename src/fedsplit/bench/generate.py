@@ -11,6 +11,7 @@ from ..client.core import SplitClient
 from ..client.remote import RemoteTransport
 from ..model.loading import load_model, load_tokenizer, model_fingerprint
 from ..model.split import body_span, load_part, num_layers
+from .config import GenerateBenchConfig
 from .procs import server_process
 
 log = logging.getLogger(__name__)
@@ -24,16 +25,10 @@ def _long_prompt(tokenizer, length: int) -> torch.Tensor:
     return torch.tensor([ids])
 
 
-def run(
-    model: str = "smollm2-135m",
-    new_tokens: int = 128,
-    head_layers: int = 2,
-    tail_layers: int = 2,
-    wire_dtype: str = "fp16",
-    long_context: int = 512,
-    no_cache_tokens: int = 8,
-) -> dict:
+def run(cfg: GenerateBenchConfig) -> dict:
     """Measure everything side by side; returns one flat dict of figures."""
+    model, new_tokens, wire_dtype = cfg.model, cfg.new_tokens, cfg.wire_dtype
+    head_layers, tail_layers = cfg.head_layers, cfg.tail_layers
     tokenizer = load_tokenizer(model)
     ids = torch.tensor(
         [
@@ -103,8 +98,8 @@ def run(
             figures["bytes_per_token_bound"] = 1.05 * hidden * element + 64
 
             # KV cache vs the naive protocol (recompute the whole prefix every token) at a long context.
-            long_ids = _long_prompt(tokenizer, long_context)
-            steps = no_cache_tokens
+            long_ids = _long_prompt(tokenizer, cfg.context)
+            steps = cfg.no_cache_tokens
             stamps: list[float] = []
             cached_steps = 32  # cheap: time more of them
             client.generate(
@@ -120,7 +115,7 @@ def run(
                 nxt = client.generate(seq, max_new_tokens=1)
                 seq = torch.cat([seq, nxt], dim=1)
             no_cache_per_token = (time.perf_counter() - t) / steps
-            figures["context_tokens"] = long_context
+            figures["context_tokens"] = cfg.context
             figures["cached_tokens_per_s"] = 1 / cached_per_token
             figures["no_cache_tokens_per_s"] = 1 / no_cache_per_token
             figures["cache_speedup"] = no_cache_per_token / cached_per_token

@@ -28,7 +28,8 @@ from ..client.remote import RemoteTransport
 from ..model.loading import load_config, model_fingerprint
 from ..model.lora import LoraSettings, add_lora
 from ..model.split import body_span, load_client_parts, num_layers
-from ..server.session import SessionConfig
+from ..wire.protocol import SessionConfig
+from .config import LoadBenchConfig
 from .procs import server_process
 
 log = logging.getLogger(__name__)
@@ -67,27 +68,27 @@ class _TimedSession:
 
 
 def _gen_client(address, fingerprint, head, tail, span, cfg, tally, deadline, seed):
-    transport = RemoteTransport(address, wire_dtype=cfg["wire_dtype"], fingerprint=fingerprint, retries=2)
+    transport = RemoteTransport(address, wire_dtype=cfg.wire_dtype, fingerprint=fingerprint, retries=2)
     client = SplitClient(head, tail, transport, span)
     gen = torch.Generator().manual_seed(seed)
     vocab = int(head.config.vocab_size)
     try:
         while time.monotonic() < deadline:
-            ids = torch.randint(10, vocab, (1, cfg["prompt_tokens"]), generator=gen)
+            ids = torch.randint(10, vocab, (1, cfg.prompt_tokens), generator=gen)
             try:
                 session = _TimedSession(
                     transport.open(
                         SessionConfig(
                             span=span,
                             mode="generate",
-                            max_length=cfg["prompt_tokens"] + cfg["new_tokens"],
+                            max_length=cfg.prompt_tokens + cfg.new_tokens,
                             max_batch=1,
                         )
                     ),
                     tally,
                 )
                 try:
-                    out = client.generate(ids, max_new_tokens=cfg["new_tokens"], session=session)
+                    out = client.generate(ids, max_new_tokens=cfg.new_tokens, session=session)
                 finally:
                     session.close()
                 tally.tokens += int(out.shape[1])
@@ -107,9 +108,9 @@ def _train_client(address, fingerprint, head, tail, span, cfg, tally, deadline, 
         tail.lm_head.weight = head.embed_tokens.weight
     add_lora(head, lora, seed=seed)
     add_lora(tail, lora, seed=seed)
-    transport = RemoteTransport(address, wire_dtype=cfg["wire_dtype"], fingerprint=fingerprint, retries=2)
+    transport = RemoteTransport(address, wire_dtype=cfg.wire_dtype, fingerprint=fingerprint, retries=2)
     client = SplitClient(head, tail, transport, span)
-    batch, length = cfg["train_batch"], cfg["train_length"]
+    batch, length = cfg.train_batch, cfg.train_length
     gen = torch.Generator().manual_seed(seed)
     vocab = int(head.config.vocab_size)
     labelled = min(16, length - 1)  # an answer at the end of each example, as in instruction tuning
@@ -163,38 +164,18 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000 if values else float("nan")
 
 
-def run(
-    model: str = "smollm2-135m",
-    gen_clients: int = 32,
-    train_clients: int = 8,
-    seconds: float = 120.0,
-    head_layers: int = 2,
-    tail_layers: int = 2,
-    wire_dtype: str = "fp16",
-    prompt_tokens: int = 32,
-    new_tokens: int = 32,
-    train_batch: int = 2,
-    train_length: int = 64,
-    memory_budget: str = "4GiB",
-    client_threads: int = 1,
-) -> dict:
+def run(cfg: LoadBenchConfig) -> dict:
     """Run the load and return one flat dict of figures (latencies in ms, memory in MiB)."""
-    torch.set_num_threads(client_threads)  # the clients share the machine with the server
+    model, head_layers, tail_layers, wire_dtype = cfg.model, cfg.head_layers, cfg.tail_layers, cfg.wire_dtype
+    gen_clients, train_clients, seconds = cfg.gen_clients, cfg.train_clients, cfg.seconds
+    torch.set_num_threads(cfg.client_threads)  # the clients share the machine with the server
     n = num_layers(load_config(model))
     span = body_span(n, head_layers, tail_layers)
     head, tail = load_client_parts(model, head_layers, tail_layers)
     for module in (head, tail):
         module.eval().requires_grad_(False)
     fingerprint = model_fingerprint(model)
-    cfg = {
-        "wire_dtype": wire_dtype,
-        "prompt_tokens": prompt_tokens,
-        "new_tokens": new_tokens,
-        "train_batch": train_batch,
-        "train_length": train_length,
-    }
-    budget = _parse_size(memory_budget)
-    with server_process(model, "--memory-budget", memory_budget) as (address, proc):
+    with server_process(model, "--memory-budget", str(cfg.memory_budget)) as (address, proc):
         sampler = _RssSampler(proc.pid)
         sampler.start()
         idle_rss = psutil.Process(proc.pid).memory_info().rss
@@ -255,22 +236,6 @@ def run(
         "server_idle_rss_mib": idle_rss / 2**20,
         "server_peak_rss_mib": sampler.peak / 2**20,
         "server_peak_growth_mib": (sampler.peak - idle_rss) / 2**20,
-        "memory_budget_mib": budget / 2**20,
+        "memory_budget_mib": cfg.memory_budget / 2**20,
         "first_error": tally.errors[0][:200] if tally.errors else "",
     }
-
-
-def _parse_size(text: str) -> int:
-    units = {
-        "kib": 1 << 10,
-        "mib": 1 << 20,
-        "gib": 1 << 30,
-        "kb": 10**3,
-        "mb": 10**6,
-        "gb": 10**9,
-        "b": 1,
-        "": 1,
-    }
-    t = text.strip().lower()
-    number = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    return int(float(number) * units[t[len(number) :]])

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from .config import MemoryBenchConfig
+
 _PROBE = r"""
 import gc, json, sys, psutil, torch
 from fedsplit.model.loading import load_model
@@ -26,7 +28,9 @@ print(json.dumps({"rss": proc.memory_info().rss, "baseline": before, "params": p
 """
 
 
-def run(model: str = "smollm2-135m", head_layers: int = 2, tail_layers: int = 2) -> dict:
+def run(cfg: MemoryBenchConfig) -> dict:
+    """Load the unsplit model, the server's body and the client's head + tail, each in a fresh process."""
+    model, head_layers, tail_layers = cfg.model, cfg.head_layers, cfg.tail_layers
     figures: dict = {"model": model, "head_layers": head_layers, "tail_layers": tail_layers}
     for role in ("unsplit", "server", "client"):
         out = subprocess.run(

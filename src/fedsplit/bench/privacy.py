@@ -22,6 +22,7 @@ from ..client.core import LocalTransport, SplitClient
 from ..model.loading import load_config, load_tokenizer
 from ..model.split import body_span, load_client_parts, load_part, num_layers
 from ..privacy import parse_defense
+from .config import AttackConfig, PrivacyBenchConfig
 
 log = logging.getLogger(__name__)
 
@@ -119,23 +120,14 @@ def utility(
     return result
 
 
-def attack_with_cost(
-    attack: str,
-    defense: str | None,
-    head_layers: int = 2,
-    task: str = "sentiment",
-    n: int = 200,
-    spec: str = "smollm2-135m",
-    seed: int = 0,
-    quick: bool = False,
-    utility_n: int = 48,
-    grad_defense: str | None = None,
-) -> dict:
+def attack_with_cost(cfg: AttackConfig) -> dict:
     """`fedsplit attack`: the attack's scores plus the defence's utility cost (vs no defence).
 
     ``grad_defense`` (label attack only) is the defence on the gradient the client sends; its cost
     is reported as ``utility_grad_cosine``, the cosine of the sent gradient with the clean one.
     """
+    attack, defense, grad_defense, spec, seed = cfg.attack, cfg.defense, cfg.grad_defense, cfg.model, cfg.seed
+    head_layers, task, utility_n = cfg.head_layers, cfg.task, cfg.utility_examples
     if grad_defense not in (None, "none") and attack != "label":
         raise ValueError("--grad-defense applies to the label attack only (the gradient is what it observes)")
     result = evaluate_attack(
@@ -144,9 +136,9 @@ def attack_with_cost(
         head_layers=head_layers,
         defense_spec=defense,
         task=task,
-        n=n,
+        n=cfg.n,
         seed=seed,
-        quick=quick,
+        quick=cfg.quick,
         grad_defense_spec=grad_defense,
     )
     row = result.as_dict()
@@ -226,19 +218,13 @@ def _jobs(grid: dict) -> list[tuple[str, int, str]]:
     return jobs
 
 
-def sweep(
-    quick: bool = True,
-    spec: str = "smollm2-135m",
-    task: str = "sentiment",
-    out: Path | None = None,
-    seed: int = 0,
-    grid: dict | None = None,
-    progress: bool = True,
-) -> dict:
+def sweep(cfg: PrivacyBenchConfig, grid: dict | None = None, progress: bool = True) -> dict:
     """attacks × defences × p (and label inference × gradient defences); writes privacy.json,
     privacy.md and one PNG per attack."""
     from tqdm.auto import tqdm
 
+    quick, spec, task, seed = cfg.quick, cfg.model, cfg.task, cfg.seed
+    out = Path(cfg.out) if cfg.out else None
     grid = grid or (QUICK_GRID if quick else FULL_GRID)
     started = time.perf_counter()
     rows, utilities = [], {}

@@ -6,33 +6,25 @@ import json
 import logging
 from pathlib import Path
 
-from ..client.train import TrainConfig, build_client, evaluate_client, run_training
+from ..client.config import TrainConfig
+from ..client.train import build_client, evaluate_client, run_training
 from ..model.loading import load_tokenizer
+from .config import QualityBenchConfig
 from .procs import server_process
 
 log = logging.getLogger(__name__)
 
 HEADLINE = ("accuracy", "rougeL", "f1", "perplexity")  # the metric the comparison is made on, by task kind
-DEFAULT_NOISE = 0.02  # relative to each token's RMS (the demo's and the paper's order of magnitude)
 
 
-def run(
-    model: str = "smollm2-135m",
-    task: str = "sentiment",
-    steps: int = 100,
-    batch_size: int = 8,
-    lr: float = 3e-4,
-    eval_examples: int = 300,
-    seed: int = 0,
-    noise: float = DEFAULT_NOISE,
-    max_length: int = 96,
-    out: Path | None = None,
-    wire_dtype: str = "fp32",
-    head_layers: int = 2,
-    tail_layers: int = 2,
-) -> dict:
+def run(cfg: QualityBenchConfig) -> dict:
+    """Untrained, centralized, split and split+noise runs with one seed; one flat dict of figures."""
     from ..tasks import load_task
 
+    model, task, steps, batch_size, seed = cfg.model, cfg.task, cfg.steps, cfg.batch_size, cfg.seed
+    lr, eval_examples, max_length, noise = cfg.lr, cfg.eval_examples, cfg.max_length, cfg.noise
+    wire_dtype, head_layers, tail_layers = cfg.wire_dtype, cfg.head_layers, cfg.tail_layers
+    out = Path(cfg.out) if cfg.out else None
     base = dict(
         model=model,
         task=task,

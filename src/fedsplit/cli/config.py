@@ -1,8 +1,10 @@
 """Config files (TOML or YAML) read into the same dataclasses the CLI options fill.
 
-``fedsplit train --config run.toml`` takes every :class:`~fedsplit.client.train.TrainConfig`
-field from the file; options given on the command line win. A file may hold the fields at
-its top level or under a table named after the command (``[train]``). Every mistake — a
+``fedsplit train --config run.toml`` takes every :class:`~fedsplit.client.config.TrainConfig`
+field from the file (``serve`` and ``simulate`` likewise); options given on the command line
+win. A file may hold the fields at its top level or under a table named after the command
+(``[train]``). A field whose option is parsed from text (``memory_budget = "4GiB"``,
+``layers = "0:30"``) takes that text in a file too. Every mistake — a
 syntax error, an unknown key, a value of the wrong type — is a :class:`ConfigError` whose
 message names the file and the key, and says what would be accepted.
 """
@@ -78,7 +80,7 @@ def _accepts(hint: Any, value: Any) -> tuple[bool, Any]:
     if hint is str:
         return isinstance(value, str), value
     if origin is tuple:
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):
             return False, value
         inner = typing.get_args(hint)
         items = [_accepts(inner[0] if inner else Any, v) for v in value]
@@ -106,6 +108,12 @@ def dataclass_values(data: dict[str, Any], cls: type, path: str | Path, section:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(sorted(fields))}"
             raise ConfigError(f"{path}: unknown key {raw_key!r}{hint}")
+        parse = fields[key].metadata.get("parse")
+        if parse is not None and isinstance(value, str):  # memory_budget = "4GiB", as on the command line
+            try:
+                value = parse(value)
+            except ValueError as exc:
+                raise ConfigError(f"{path}: {raw_key!r} {exc}") from None
         ok, converted = _accepts(hints[key], value)
         if not ok:
             raise ConfigError(f"{path}: {raw_key!r} must be {_type_name(hints[key])}, got {value!r}")

@@ -11,10 +11,28 @@ from __future__ import annotations
 
 import logging
 import sys
+import typing
 
 import typer
 
 EXIT_USER_ERROR = 2
+
+
+def fail(message: str) -> typing.NoReturn:
+    """End the command with a user-caused error: one line, no traceback."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(EXIT_USER_ERROR)
+
+
+def call(layer_function, *args, **kwargs):
+    """Call into the layers; a user-caused error (a bad model spec, a missing file, a value no run
+    can use, an unreachable server) becomes one line, no traceback."""
+    from ..model.loading import ModelSpecError, UnsupportedModelError
+
+    try:
+        return layer_function(*args, **kwargs)
+    except (ModelSpecError, UnsupportedModelError, FileNotFoundError, ValueError, ConnectionError) as exc:
+        fail(str(exc))
 
 
 def user_error_message(exc: BaseException) -> str | None:

@@ -11,7 +11,7 @@ from ..model.loading import DEFAULT_MODEL, load_config, load_tokenizer, model_fi
 from ..model.lora import LoraSettings, add_lora, load_lora_state_dict, read_adapter
 from ..model.segments import KVCache
 from ..model.split import body_span, load_client_parts, load_part, num_layers
-from ..server.session import SessionConfig
+from ..wire.protocol import SessionConfig
 from .core import LocalTransport, SplitClient
 
 

@@ -32,7 +32,7 @@ from ..model.store import (
     write_checkpoint,
     write_json_atomic,
 )
-from ..server.session import SessionConfig
+from ..wire.protocol import SessionConfig
 from .core import SplitClient, StepResult
 from .remote import RemoteError, ServerUnreachable
 from .resilience import Backoff, _quiet_close, is_recoverable

@@ -11,51 +11,29 @@ import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from ..model.segments import Head, KVCache, Tail
-from ..server.session import SessionConfig
+from ..wire.protocol import BodyHandle, SessionConfig, Transport
 
 log = logging.getLogger(__name__)
-
-
-class BodyHandle(Protocol):
-    """What a client needs from a body session, local or remote."""
-
-    def forward(
-        self,
-        step_id: int,
-        hidden: torch.Tensor,
-        pad_lengths: torch.Tensor,
-        offset: int = 0,
-        keep_graph: bool = True,
-        use_cache: bool = True,
-    ) -> torch.Tensor: ...
-    def backward(self, step_id: int, grad: torch.Tensor) -> torch.Tensor: ...
-    def step(self, clip_norm: float = 0.0) -> None: ...
-    def close(self) -> None: ...
-
-
-class Transport(Protocol):
-    def open(self, config: SessionConfig) -> BodyHandle: ...
 
 
 class LocalTransport:
     """The body in this process (tests, ``--local``): same session code as the server runs."""
 
     def __init__(self, body, pool=None) -> None:
-        from ..server.adapters import AdapterPool
+        from ..server.local import adapter_pool
 
         self.body = body
-        self.pool = pool or AdapterPool(body)
+        self.pool = pool or adapter_pool(body)
 
-    def open(self, config: SessionConfig):
-        from ..server.session import BodySession
+    def open(self, config: SessionConfig) -> BodyHandle:
+        from ..server.local import open_session
 
-        return BodySession(self.body, self.pool, config)
+        return open_session(self.body, self.pool, config)
 
     @property
     def span(self) -> tuple[int, int]:

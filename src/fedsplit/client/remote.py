@@ -9,11 +9,11 @@ import time
 import grpc
 import torch
 
-from ..server.session import SessionConfig
 from ..wire import codec
 from ..wire import fedsplit_pb2 as pb
 from ..wire import fedsplit_pb2_grpc as pb_grpc
 from ..wire.lora import lora_from_proto, lora_to_proto
+from ..wire.protocol import SessionConfig
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import time
 import grpc
 import torch
 
-from ..server.session import SessionConfig
+from ..wire.protocol import SessionConfig
 from .remote import RemoteError, ServerUnreachable
 
 log = logging.getLogger(__name__)

@@ -5,117 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from ..federation.client import FederatedTransport, join_federation
 from ..model.loading import load_config, load_tokenizer, model_fingerprint
-from ..model.lora import LoraSettings, add_lora, save_adapter
+from ..model.lora import add_lora, save_adapter
 from ..model.split import body_span, load_client_parts, load_part, num_layers
-from ..server.session import SessionConfig
+from ..wire.protocol import SessionConfig
+from .config import TrainConfig
 from .core import LocalTransport, SplitClient, lm_loss
+from .federated import FederatedTransport, join_federation
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """One fine-tuning run; every field is a `fedsplit train` option."""
-
-    model: str = field(default="smollm2-135m", metadata={"help": "model spec"})
-    server: str | None = field(default=None, metadata={"help": "HOST:PORT; None = body in this process"})
-    head_layers: int = field(default=2, metadata={"help": "p"})
-    tail_layers: int = field(default=2, metadata={"help": "q"})
-    task: str = field(default="sentiment", metadata={"help": "task name (fedsplit.tasks)"})
-    data: str | None = field(
-        default=None,
-        metadata={
-            "help": "the task's data: a JSONL file or folder (jsonl, "
-            "required), a local copy or hub id (other tasks)"
-        },
-    )
-    steps: int = field(default=200, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=8, metadata={"help": "examples per step"})
-    lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate (head, body and tail LoRA)"})
-    body_lr: float | None = field(
-        default=None, metadata={"help": "learning rate of the body LoRA (default: lr)"}
-    )
-    body_warmup: int = field(
-        default=0,
-        metadata={"help": "body optimiser steps over which the body lr ramps up linearly (0 = constant)"},
-    )
-    max_length: int = field(default=128, metadata={"help": "token limit per example"})
-    max_examples: int | None = field(default=None, metadata={"help": "cap on examples per split"})
-    noise: float = field(default=0.0, metadata={"help": "Gaussian noise std on the hidden states sent"})
-    noise_relative: bool = field(default=False, metadata={"help": "noise std relative to each token's RMS"})
-    defense: str | None = field(
-        default=None, metadata={"help": "any fedsplit.privacy spec (overrides --noise)"}
-    )
-    wire_dtype: str = field(default="fp16", metadata={"help": "fp32 | fp16 | bf16 | int8"})
-    seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA init, noise)"})
-    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0 = only at the end)"})
-    eval_examples: int = field(default=200, metadata={"help": "test examples per evaluation"})
-    clip_norm: float = field(
-        default=0.0, metadata={"help": "gradient clipping (0 = off; client and server clip separately)"}
-    )
-    rank: int = field(default=8, metadata={"help": "LoRA rank"})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha"})
-    centralized: bool = field(default=False, metadata={"help": "train the unsplit model in one process"})
-    token: str | None = field(default=None, metadata={"help": "bearer token"})
-    tls_ca: str | None = field(default=None, metadata={"help": "CA certificate for TLS"})
-    out: str | None = field(default=None, metadata={"help": "output directory for adapters and history"})
-    checkpoint_every: int = field(
-        default=0,
-        metadata={
-            "help": "checkpoint head/tail (and ask the server to "
-            "checkpoint the body) every K steps under out/"
-        },
-    )
-    resume: bool = field(
-        default=False,
-        metadata={"help": "continue the run in out/ from the last step client and server both hold"},
-    )
-    run_id: str | None = field(
-        default=None,
-        metadata={"help": "name of the run on the server (default: random, kept in out/run.json)"},
-    )
-
-    @property
-    def lora(self) -> LoraSettings:
-        return LoraSettings(rank=self.rank, alpha=self.alpha)
-
-    def check(self) -> None:
-        """Raise ValueError, naming the option, for a value no run can use."""
-        positive = {
-            "steps": self.steps,
-            "batch-size": self.batch_size,
-            "max-length": self.max_length,
-            "lr": self.lr,
-            "rank": self.rank,
-        }
-        if self.body_lr is not None:
-            positive["body-lr"] = self.body_lr
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"--{name} must be positive (got {value})")
-        counts = {
-            "body-warmup": self.body_warmup,
-            "eval-every": self.eval_every,
-            "eval-examples": self.eval_examples,
-            "checkpoint-every": self.checkpoint_every,
-        }
-        for name, value in counts.items():
-            if value < 0:
-                raise ValueError(f"--{name} must be 0 or more (got {value})")
-
-    def defense_spec(self) -> str | None:
-        if self.defense:
-            return self.defense
-        if self.noise > 0:
-            return f"gaussian:{self.noise}" + (":relative" if self.noise_relative else "")
-        return None
 
 
 def build_client(cfg: TrainConfig, transport=None, lora: bool = True) -> SplitClient:

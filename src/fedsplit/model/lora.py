@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import cast_adapter_dtype
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -47,8 +48,9 @@ def _has_targets(segment: nn.Module, settings: LoraSettings) -> bool:
 def seed_lora(module: nn.Module, seed: int, adapter: str = "default") -> None:
     """Initialise every LoRA A matrix from (seed, its layer-global name); B stays zero.
 
-    The same layer gets the same initial adapter whichever segment — or process —
-    holds it, so split and centralized runs start identical.
+    The same layer gets the same initial adapter whichever segment — or process, device
+    or dtype — holds it, so split and centralized runs start identical: the values are
+    drawn in fp32 on the CPU, then copied into the adapter where it lives.
     """
     with torch.no_grad():
         for name, param in module.named_parameters():
@@ -66,12 +68,20 @@ def add_lora(segment: nn.Module, settings: LoraSettings | None = None, seed: int
 
     A segment with no target modules (an embedding-only head, a norm+LM-head-only
     tail) stays frozen and gets no adapter.
+
+    Adapters sit on the device of the layer they wrap and are kept in fp32 whatever the
+    base dtype (what peft's ``autocast_adapter_dtype=True`` does): on a bf16 base an
+    AdamW step of a bf16 adapter would round most updates away (8 bits of mantissa), while
+    fp32 adapters cost next to nothing (rank x width per matrix). peft casts each layer's
+    input to fp32 for the low-rank path and the sum back to the base dtype, so hidden
+    states keep the base dtype.
     """
     settings = settings or LoraSettings()
     for p in segment.parameters():
         p.requires_grad_(False)
     if _has_targets(segment, settings):
-        inject_adapter_in_model(settings.peft_config(), segment)
+        inject_adapter_in_model(settings.peft_config(), segment)  # on each base layer's device
+        cast_adapter_dtype(segment, "default")
         if seed is not None:
             seed_lora(segment, seed)
     return segment

@@ -5,63 +5,65 @@ compact description — per-row left-padding lengths plus the number of tokens a
 in its KV cache — and computes rotary embeddings locally from position ids. Layers are
 kept in a ``ModuleDict`` keyed by their global index, so parameter names
 (``layers.7.self_attn.q_proj...``) are the same in every segment and in the unsplit model.
+What a family's model class does between its layers (embedding scale, sliding-window layers,
+per-kind rotary, logit scaling) comes from its :class:`~fedsplit.model.families.Family`.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 
+from .families import SLIDING, family_of
+from .kv_cache import KVCache
 
-class KVCache:
-    """Key/value cache for the layers of one segment, keyed by global layer index.
 
-    Duck-types the ``update(key, value, layer_idx)`` call that Hugging Face attention
-    modules make, so the decoder layers run unchanged. All rows share one length:
-    sequences are left-padded, so the pad rule covers the cached prefix too.
+@functools.cache
+def cache_argument(layer_class: type) -> str:
+    """The name under which ``layer_class.forward`` takes the KV cache.
+
+    transformers renamed it ``past_key_value`` -> ``past_key_values`` -> ``cache`` (5.3x, with a
+    deprecation warning for the old name until 5.40); passing the name the installed version
+    declares keeps the layers unchanged and silent across versions.
     """
-
-    def __init__(self) -> None:
-        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.length = 0
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if layer_idx in self.layers:
-            old_k, old_v = self.layers[layer_idx]
-            key = torch.cat([old_k, key], dim=-2)
-            value = torch.cat([old_v, value], dim=-2)
-        self.layers[layer_idx] = (key, value)
-        return key, value
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
-
-    def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self.layers.values())
-
-    def select_rows(self, rows: torch.Tensor | list[int]) -> None:
-        """Keep only the given batch rows (e.g. when some sequences finished)."""
-        index = torch.as_tensor(rows, dtype=torch.long)
-        self.layers = {i: (k[index], v[index]) for i, (k, v) in self.layers.items()}
+    parameters = inspect.signature(layer_class.forward).parameters
+    for name in ("cache", "past_key_values", "past_key_value"):
+        if name in parameters:
+            return name
+    return "past_key_values"
 
 
 def positions_and_mask(
-    pad_lengths: torch.Tensor, q_len: int, offset: int, dtype: torch.dtype
+    pad_lengths: torch.Tensor,
+    q_len: int,
+    offset: int,
+    dtype: torch.dtype,
+    device=None,
+    sliding_window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Position ids [B, q_len] and an additive attention mask [B, 1, q_len, offset + q_len].
 
     Row ``b`` has ``pad_lengths[b]`` pad tokens at its start (inside the cache when
     ``offset > 0``). A real query at absolute index ``i`` attends to keys ``k`` with
-    ``pad <= k <= i``; a pad query attends only to itself, which keeps its (unused)
+    ``pad <= k <= i``, and ``i - k < sliding_window`` when one is given (Hugging Face's
+    convention); a pad query attends only to itself, which keeps its (unused)
     output finite so no NaN reaches the backward pass.
     """
-    pad = pad_lengths.to(torch.long).view(-1, 1, 1)
-    q_abs = torch.arange(offset, offset + q_len).view(1, -1, 1)
-    k_abs = torch.arange(offset + q_len).view(1, 1, -1)
+    device = device if device is not None else pad_lengths.device
+    pad = pad_lengths.to(device=device, dtype=torch.long).view(-1, 1, 1)
+    q_abs = torch.arange(offset, offset + q_len, device=device).view(1, -1, 1)
+    k_abs = torch.arange(offset + q_len, device=device).view(1, 1, -1)
     real_query = q_abs >= pad
     allowed = (k_abs <= q_abs) & (k_abs >= pad) & real_query
+    if sliding_window is not None:
+        allowed = allowed & (q_abs - k_abs < sliding_window)
     allowed = allowed | (~real_query & (k_abs == q_abs))
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
     positions = (q_abs.view(1, -1) - pad.view(-1, 1)).clamp(min=0)
     return positions, mask.unsqueeze(1)
 
@@ -76,6 +78,7 @@ class Segment(nn.Module):
         self.config = config
         self.layers = nn.ModuleDict({str(i): layer for i, layer in sorted(layers.items())})
         self.rotary_emb = rotary_emb
+        self.family = family_of(config)
         # Where an empty segment sits (e.g. a body of zero layers when p + q = N).
         self.start = start if start is not None else (min(layers) if layers else 0)
 
@@ -103,7 +106,7 @@ class Segment(nn.Module):
         """
         batch, q_len = hidden.shape[:2]
         if pad_lengths is None:
-            pad_lengths = torch.zeros(batch, dtype=torch.long)
+            pad_lengths = torch.zeros(batch, dtype=torch.long, device=hidden.device)
         if offset is None:
             offset = cache.length if cache is not None else 0
         indices = self.layer_indices
@@ -117,17 +120,34 @@ class Segment(nn.Module):
                 )
             indices = list(range(start, end))
         if indices:
-            positions, mask = positions_and_mask(pad_lengths, q_len, offset, hidden.dtype)
-            position_embeddings = self.rotary_emb(hidden, positions)
-            for i in indices:
-                hidden = self.layers[str(i)](
-                    hidden,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=cache,
-                    use_cache=cache is not None,
-                    position_embeddings=position_embeddings,
+            kinds = self.family.layer_kinds(self.config)
+            window = getattr(self.config, "sliding_window", None)
+            masks, rotary = {}, {}
+            for kind in {kinds[i] for i in indices}:
+                positions, masks[kind] = positions_and_mask(
+                    pad_lengths,
+                    q_len,
+                    offset,
+                    hidden.dtype,
+                    hidden.device,
+                    window if kind == SLIDING else None,
                 )
+                if self.family.rotary_per_kind:
+                    rotary[kind] = self.rotary_emb(hidden, positions, kind)
+            if not self.family.rotary_per_kind:
+                rotary = dict.fromkeys(masks, self.rotary_emb(hidden, positions))
+            for i in indices:
+                layer = self.layers[str(i)]
+                out = layer(
+                    hidden,
+                    attention_mask=masks[kinds[i]],
+                    position_ids=positions,
+                    use_cache=cache is not None,
+                    position_embeddings=rotary[kinds[i]],
+                    **{cache_argument(type(layer)): cache},
+                )
+                # MoE layers of some versions return a tuple whose first item is the hidden state.
+                hidden = out[0] if isinstance(out, tuple) else out
         if cache is not None:
             cache.length = offset + q_len
         return hidden
@@ -151,6 +171,7 @@ class Head(Segment):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden = self.family.scale_embeddings(hidden, self.config, self.training)
         return self.run_layers(hidden, pad_lengths, cache, offset)
 
 
@@ -192,4 +213,4 @@ class Tail(Segment):
         hidden = self.norm(self.run_layers(hidden, pad_lengths, cache, offset))
         if select is not None:
             hidden = hidden[select]
-        return self.lm_head(hidden)
+        return self.family.finish_logits(self.lm_head(hidden), self.config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -12,7 +13,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .loading import SUPPORTED_FAMILIES, UnsupportedModelError, check_supported, resolve_checkpoint
+from .device import resolve_device, resolve_dtype
+from .families import attention_implementation, family_of
+from .loading import SUPPORTED_FAMILIES, UnsupportedModelError, resolve_checkpoint
 from .segments import Body, Head, KVCache, Tail
 
 log = logging.getLogger(__name__)
@@ -107,7 +110,7 @@ def split(model: nn.Module, head_layers: int, tail_layers: int) -> SplitModel:
 
     The segments share the model's modules (no copy); drop the model afterwards.
     """
-    check_supported(model.config)
+    family = family_of(model.config)
     decoder = _decoder(model)
     n = len(decoder.layers)
     start, end = body_span(n, head_layers, tail_layers)
@@ -123,7 +126,7 @@ def split(model: nn.Module, head_layers: int, tail_layers: int) -> SplitModel:
     )
     tail = Tail(
         {i: layers[i] for i in range(end, n)},
-        decoder.norm,
+        getattr(decoder, family.final_norm),
         model.lm_head,
         copy.deepcopy(decoder.rotary_emb),
         model.config,
@@ -150,26 +153,86 @@ def _weight_files(ckpt: Path) -> dict[str, Path]:
     return names
 
 
+def _fill_constants(skeleton: nn.Module, module: nn.Module, device: torch.device) -> None:
+    """Make ``module``'s non-persistent buffers real on ``device`` and set them as the model class does.
+
+    No checkpoint holds them (e.g. Gemma's embedding scale); transformers sets them with the model's
+    own ``_init_weights`` after loading on meta, and so do we. Call before the weights are loaded:
+    ``_init_weights`` also re-draws the owner's parameters. The skeleton is built under
+    ``torch.device("meta")``, which, unlike patching ``nn.Module`` globally, touches only this thread.
+    """
+    for owner in module.modules():
+        names = [n for n in owner._non_persistent_buffers_set if owner._buffers.get(n) is not None]
+        for name in names:
+            owner._buffers[name] = torch.empty_like(owner._buffers[name], device=device)
+        if names:
+            skeleton._init_weights(owner)
+
+
+def _load_converted(
+    skeleton: nn.Module, modules: dict[str, nn.Module], files: dict[str, Path], device, dtype
+) -> None:
+    """Load ``modules`` (keyed by name prefix) of ``skeleton`` through transformers' checkpoint conversion.
+
+    transformers >= 5 saves some layers in their original checkpoint layout (e.g. one tensor per MoE
+    expert) and converts them while loading; only those files' tensors under ``modules`` are read.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    prefixes = tuple(f"{prefix}." for prefix in modules)
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, object] = {}
+        state = {}
+        for key, file in files.items():
+            if key.startswith(prefixes):
+                if file not in handles:
+                    handles[file] = stack.enter_context(safe_open(str(file), framework="pt"))
+                state[key] = handles[file].get_slice(key)  # read when converted, not before
+        config = LoadStateDictConfig(
+            weight_mapping=get_model_conversion_mapping(skeleton), device_map={"": device}, dtype=dtype
+        )
+        info, _ = convert_and_load_state_dict_in_model(model=skeleton, state_dict=state, load_config=config)
+    missing = sorted(key for key in info.missing_keys if key.startswith(prefixes))
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} weights this part needs, e.g. {missing[0]}")
+    for module in modules.values():
+        for owner in module.modules():  # buffers; the parameters are loaded already
+            for name, buffer in owner._buffers.items():
+                if buffer is not None and buffer.is_meta:
+                    if any(True for _ in owner.parameters(recurse=False)):
+                        raise ValueError(f"cannot rebuild buffer {name} of {type(owner).__name__} here")
+                    _fill_constants(skeleton, owner, device)
+                elif buffer is not None:
+                    owner._buffers[name] = buffer.to(device)
+
+
 def load_part(
     spec: str,
     part: str,
     head_layers: int = 0,
     tail_layers: int = 0,
     span: tuple[int, int] | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> Head | Body | Tail:
     """Load only the weights one party needs: ``part`` is "head", "body" or "tail".
 
     For "body", ``span`` overrides the layers held (a server may hold a wider span
     than any one client uses). Nothing else is materialised: the server never holds
-    the embedding or LM head, a client never holds body layers.
+    the embedding or LM head, a client never holds body layers. Weights are read from
+    the safetensors files straight onto ``device`` and converted to ``dtype`` there
+    (both also accept the words of :mod:`fedsplit.model.device`, e.g. "auto", "bf16").
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     ckpt = resolve_checkpoint(spec)
     config = AutoConfig.from_pretrained(ckpt)
-    check_supported(config)
-    config._attn_implementation = "sdpa"
+    family = family_of(config)
+    config._attn_implementation = attention_implementation(config)
     n = num_layers(config)
     start, end = span if span is not None else body_span(n, head_layers, tail_layers)
     if part == "body" and not (0 <= start <= end <= n):
@@ -184,7 +247,10 @@ def load_part(
         modules = {}
         wanted = range(start, end)
     elif part == "tail":
-        modules = {"model.norm": decoder.norm, "lm_head": skeleton.lm_head}
+        modules = {
+            f"model.{family.final_norm}": getattr(decoder, family.final_norm),
+            "lm_head": skeleton.lm_head,
+        }
         wanted = range(end, n)
     else:
         raise ValueError(f"part must be head, body or tail, not {part!r}")
@@ -195,40 +261,70 @@ def load_part(
     aliases = {}
     if "lm_head.weight" not in files and config.tie_word_embeddings:
         aliases["lm_head.weight"] = "model.embed_tokens.weight"
+    # Modules stored under other names (MoE experts saved one by one, fused by transformers on
+    # load) go through transformers' own conversion; all others are read tensor by tensor.
+    converted = {
+        prefix: module
+        for prefix, module in modules.items()
+        if any(
+            aliases.get(f"{prefix}.{name}", f"{prefix}.{name}") not in files for name in module.state_dict()
+        )
+    }
+    if converted:
+        _load_converted(skeleton, converted, files, device, dtype)
+        modules = {prefix: module for prefix, module in modules.items() if prefix not in converted}
+    # Which tensors each file must give, so that each file is opened once.
+    by_file: dict[Path, list[tuple[nn.Module, str, str]]] = {}
     for prefix, module in modules.items():
-        module.to_empty(device="cpu")
-        state = {}
-        for name in dict(module.state_dict()):
+        module.to_empty(device=device)
+        _fill_constants(skeleton, module, device)
+        for name in module.state_dict():
             source = aliases.get(f"{prefix}.{name}", f"{prefix}.{name}")
-            with safe_open(str(files[source]), framework="pt") as f:
-                state[name] = f.get_tensor(source).to(dtype)
+            by_file.setdefault(files[source], []).append((module, name, source))
+    states: dict[nn.Module, dict[str, torch.Tensor]] = {module: {} for module in modules.values()}
+    for file, entries in by_file.items():
+        with safe_open(str(file), framework="pt") as f:  # memory-mapped: nothing is read twice
+            for module, name, source in entries:
+                states[module][name] = f.get_tensor(source).to(device=device, dtype=dtype)
+    for module, state in states.items():
         module.load_state_dict(state)
-    rotary = type(decoder.rotary_emb)(config=config)
+    # Rotary frequencies stay fp32 (they are cast per call); only their device follows the weights.
+    rotary = type(decoder.rotary_emb)(config=config).to(device)
     layers = {i: decoder.layers[i] for i in wanted}
     if part == "head":
         segment = Head(decoder.embed_tokens, layers, rotary, config)
     elif part == "body":
         segment = Body(layers, rotary, config, start)
     else:
-        segment = Tail(layers, decoder.norm, skeleton.lm_head, rotary, config)
+        segment = Tail(layers, getattr(decoder, family.final_norm), skeleton.lm_head, rotary, config)
     del skeleton
     return segment.eval()
 
 
-def load_client_parts(spec: str, head_layers: int, tail_layers: int, dtype: torch.dtype = torch.float32):
+def load_client_parts(
+    spec: str,
+    head_layers: int,
+    tail_layers: int,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+):
     """Head and tail for one data owner; a tied LM head shares the head's embedding (held once)."""
-    head = load_part(spec, "head", head_layers, tail_layers, dtype=dtype)
-    tail = load_part(spec, "tail", head_layers, tail_layers, dtype=dtype)
+    head = load_part(spec, "head", head_layers, tail_layers, dtype=dtype, device=device)
+    tail = load_part(spec, "tail", head_layers, tail_layers, dtype=dtype, device=device)
     if getattr(head.config, "tie_word_embeddings", False):
         tail.lm_head.weight = head.embed_tokens.weight
     return head, tail
 
 
 def load_split(
-    spec: str, head_layers: int, tail_layers: int, dtype: torch.dtype = torch.float32
+    spec: str,
+    head_layers: int,
+    tail_layers: int,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> SplitModel:
     """Load head, body and tail from a checkpoint (all three in this process)."""
-    head = load_part(spec, "head", head_layers, tail_layers, dtype=dtype)
-    body = load_part(spec, "body", head_layers, tail_layers, dtype=dtype)
-    tail = load_part(spec, "tail", head_layers, tail_layers, dtype=dtype)
+    head = load_part(spec, "head", head_layers, tail_layers, dtype=dtype, device=device)
+    body = load_part(spec, "body", head_layers, tail_layers, dtype=dtype, device=device)
+    tail = load_part(spec, "tail", head_layers, tail_layers, dtype=dtype, device=device)
     return SplitModel(head, body, tail, head.config)

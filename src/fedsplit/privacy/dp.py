@@ -23,7 +23,13 @@ import logging
 
 import torch
 
-from fedsplit.privacy import accounting
+from fedsplit.privacy.accounting import (
+    ACCOUNTANTS,
+    NEIGHBOURING,
+    Neighbouring,
+    gaussian_epsilon,
+    per_release_epsilon,
+)
 from fedsplit.privacy.base import Defense, check_finite_positive, format_number
 
 logger = logging.getLogger(__name__)
@@ -54,18 +60,16 @@ class DPDefense(Defense):
         self,
         clip: float = 1.0,
         sigma: float = 1.0,
-        neighbouring: accounting.Neighbouring = "add_remove",
+        neighbouring: Neighbouring = "add_remove",
         accountant: str | None = None,
     ) -> None:
         super().__init__()
         self.clip = check_finite_positive("dp clip", clip)
         self.sigma = check_finite_positive("dp sigma", sigma, allow_zero=True)
-        if neighbouring not in accounting.NEIGHBOURING:
-            raise ValueError(
-                f"dp neighbouring must be one of {accounting.NEIGHBOURING}, got {neighbouring!r}"
-            )
-        if accountant is not None and accountant not in accounting.ACCOUNTANTS:
-            raise ValueError(f"dp accountant must be one of {accounting.ACCOUNTANTS}, got {accountant!r}")
+        if neighbouring not in NEIGHBOURING:
+            raise ValueError(f"dp neighbouring must be one of {NEIGHBOURING}, got {neighbouring!r}")
+        if accountant is not None and accountant not in ACCOUNTANTS:
+            raise ValueError(f"dp accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
         if neighbouring == "replace" and accountant == "rdp":
             raise ValueError(
                 "dp: the RDP accountant does not support neighbouring=replace; use accountant=pld"
@@ -102,11 +106,9 @@ class DPDefense(Defense):
         ``sample_rate`` the batch size over the data-set size. For generation, every
         decoding step is a release of the new token's vector: count them.
         """
-        epsilon = accounting.gaussian_epsilon(
-            self.sigma, steps, sample_rate, delta, self.neighbouring, self.accountant
-        )
+        epsilon = gaussian_epsilon(self.sigma, steps, sample_rate, delta, self.neighbouring, self.accountant)
         return epsilon, delta
 
     def epsilon_per_release(self, delta: float = 1e-5) -> float:
         """Epsilon of a single release (analytic Gaussian mechanism)."""
-        return accounting.per_release_epsilon(self.sigma, delta, self.neighbouring)
+        return per_release_epsilon(self.sigma, delta, self.neighbouring)

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedsplit.privacy import accounting
+from fedsplit.privacy.accounting import ACCOUNTANTS, NEIGHBOURING, Neighbouring, calibrate_noise_multiplier
 from fedsplit.privacy.base import Compose, Defense, GradDefense
 from fedsplit.privacy.dp import DPDefense
 from fedsplit.privacy.mid import MIDDefense
@@ -111,7 +111,7 @@ def _dp_args(body: str) -> dict[str, Any]:
             out[key] = _number(values[key], f"dp {key}")
     if "steps" in values:
         out["steps"] = _integer(values["steps"], "dp steps")
-    for key, allowed in (("neighbouring", accounting.NEIGHBOURING), ("accountant", accounting.ACCOUNTANTS)):
+    for key, allowed in (("neighbouring", NEIGHBOURING), ("accountant", ACCOUNTANTS)):
         if key in values:
             if values[key].lower() not in allowed:
                 raise _SpecError(f"dp {key} must be one of {', '.join(allowed)}, got {values[key]!r}")
@@ -167,13 +167,11 @@ def _build_dp(
     delta: float = 1e-5,
     steps: int | None = None,
     sample_rate: float = 1.0,
-    neighbouring: accounting.Neighbouring = "add_remove",
+    neighbouring: Neighbouring = "add_remove",
     accountant: str | None = None,
 ) -> DPDefense:
     if sigma is None:
-        sigma = accounting.calibrate_noise_multiplier(
-            epsilon, delta, steps, sample_rate, neighbouring, accountant
-        )
+        sigma = calibrate_noise_multiplier(epsilon, delta, steps, sample_rate, neighbouring, accountant)
     return DPDefense(clip=clip, sigma=sigma, neighbouring=neighbouring, accountant=accountant)
 
 

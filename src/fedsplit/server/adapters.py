@@ -14,7 +14,7 @@ import threading
 
 import torch
 from peft import inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from torch import nn
 
 from ..model.lora import LoraSettings, seed_lora
@@ -47,6 +47,7 @@ class AdapterPool:
                 self.settings[name] = settings  # an empty body span: nothing to adapt
                 return
             inject_adapter_in_model(settings.peft_config(), self.body, adapter_name=name)
+            cast_adapter_dtype(self.body, name)  # fp32 on a bf16/fp16 body, as on the client (add_lora)
             if seed is not None:
                 seed_lora(self.body, seed, name)
             self.settings[name] = settings
@@ -171,14 +172,16 @@ def _low_rank_updates(
     if batched:  # [adapters, rows * tokens, features] through stacked A and B
         a = torch.stack([layer.lora_A[n].weight for n in names])
         b = torch.stack([layer.lora_B[n].weight for n in names])
-        scale = torch.tensor([float(layer.scaling[n]) for n in names], dtype=x.dtype).view(-1, 1, 1)
-        low = torch.bmm(x.reshape(len(names), -1, x.shape[-1]), a.transpose(1, 2)) * scale
-        return torch.bmm(low, b.transpose(1, 2)).reshape(like.shape)
+        scale = torch.tensor([float(layer.scaling[n]) for n in names], dtype=a.dtype, device=a.device)
+        rows = x.reshape(len(names), -1, x.shape[-1]).to(a.dtype)  # adapters are fp32 on a bf16 body
+        low = torch.bmm(rows, a.transpose(1, 2)) * scale.view(-1, 1, 1)
+        return torch.bmm(low, b.transpose(1, 2)).reshape(like.shape).to(like.dtype)
     parts = []
     for name, start, stop in groups:
         if name in layer.lora_A:
-            part = layer.lora_A[name](layer.lora_dropout[name](x[start:stop]))
-            parts.append(layer.lora_B[name](part) * layer.scaling[name])
+            lora_a = layer.lora_A[name]
+            part = lora_a(layer.lora_dropout[name](x[start:stop]).to(lora_a.weight.dtype))
+            parts.append((layer.lora_B[name](part) * layer.scaling[name]).to(like.dtype))
         else:
             parts.append(torch.zeros_like(like[start:stop]))
     return torch.cat(parts)

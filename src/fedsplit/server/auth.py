@@ -32,6 +32,11 @@ class TokenStore:
             entries[parts[0]] = parts[1]
         return cls(entries)
 
+    @property
+    def clients(self) -> set[str]:
+        """The client ids that hold a token."""
+        return set(self._by_hash.values())
+
     def client_for(self, token: str | None) -> str | None:
         if not token:
             return None
@@ -47,7 +52,7 @@ def add_token(path: str | Path, client_id: str) -> str:
     if not client_id or any(c.isspace() for c in client_id):
         raise ValueError("client id must be a non-empty word without spaces")
     path = Path(path)
-    existing = TokenStore.load(path)._by_hash.values() if path.exists() else []
+    existing = TokenStore.load(path).clients if path.exists() else set()
     if client_id in existing:
         raise ValueError(f"client {client_id!r} already has a token in {path}")
     token = secrets.token_urlsafe(32)

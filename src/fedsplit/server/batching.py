@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 def _run_group(items) -> list[torch.Tensor]:
     """One body forward for decode steps of sessions sharing a span and an adapter."""
     sessions = [it[0] for it in items]
+    batch_rows = [it[1].shape[0] for it in items]  # each session's rows in the merged batch
     lengths = [s.cache.length for s in sessions]
     longest = max(lengths)
     merged = KVCache()
@@ -42,13 +43,13 @@ def _run_group(items) -> list[torch.Tensor]:
     with torch.no_grad():
         out = first.body(hidden, pad, merged, longest, span=first.config.span)
     results, row = [], 0
-    for s, length in zip(sessions, lengths):
-        rows = slice(row, row + s.cache_rows)
+    for s, length, n in zip(sessions, lengths, batch_rows):
+        rows = slice(row, row + n)
         shift = longest - length
         s.cache.layers = {i: (k[rows, :, shift:], v[rows, :, shift:]) for i, (k, v) in merged.layers.items()}
         s.cache.length = length + 1
         results.append(out[rows])
-        row += s.cache_rows
+        row += n
     return results
 
 
@@ -58,11 +59,10 @@ def run_batch(items) -> list[torch.Tensor | Exception]:
     groups = defaultdict(list)
     for index, (session, hidden, pad, offset) in enumerate(items):
         try:
-            session._check(hidden, pad, offset)
+            session.check_inputs(hidden, pad, offset)
         except Exception as exc:  # reported to that session only
             results[index] = exc
             continue
-        session.cache_rows = hidden.shape[0]
         cached = bool(session.cache.layers) or session.config.span[0] == session.config.span[1]
         key = (session.config.span, session.adapter) if cached else ("solo", index)
         groups[key].append(index)
@@ -85,6 +85,7 @@ def run_batch(items) -> list[torch.Tensor | Exception]:
 class WorkerBatcher:
     """Collects requests while the body worker is busy; hands them to ``run`` together when it frees up.
 
+    ``worker(fn, *args)`` awaits ``fn(*args)`` on the body worker (the servicer's ``run``).
     ``run(items)`` runs on the worker and returns one result per item (an exception is
     raised in that item's ``submit`` only). By default a request that finds the worker idle
     runs at once, alone. With ``linger`` > 0 and ``expected()`` (how many requests the
@@ -92,8 +93,8 @@ class WorkerBatcher:
     the rest to arrive: fewer, fuller passes, each cheaper per row than a small one.
     """
 
-    def __init__(self, executor, run, linger: float = 0.0, expected=None) -> None:
-        self.executor, self.run = executor, run
+    def __init__(self, worker, run, linger: float = 0.0, expected=None) -> None:
+        self.worker, self.run = worker, run
         self.linger, self.expected = linger, expected
         self.pending: list = []
         self._runner: asyncio.Task | None = None
@@ -133,7 +134,6 @@ class WorkerBatcher:
             self._arrived = None
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
         while self.pending:
             if self.linger > 0 and self.expected is not None:
                 await self._gathered()
@@ -145,7 +145,7 @@ class WorkerBatcher:
             self.batches += 1
             self.rows += len(items)
             try:
-                results = await loop.run_in_executor(self.executor, self.run, items)
+                results = await self.worker(self.run, items)
             except Exception as exc:  # noqa: BLE001 - a failure of the whole batch reaches every item
                 log.exception("batched body call failed")
                 results = [exc] * len(items)
@@ -161,5 +161,5 @@ class WorkerBatcher:
 class DecodeBatcher(WorkerBatcher):
     """Continuous batching of decode steps: ``submit(session, hidden, pad, offset)``."""
 
-    def __init__(self, executor) -> None:
-        super().__init__(executor, run_batch)
+    def __init__(self, worker) -> None:
+        super().__init__(worker, run_batch)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,6 +43,7 @@ ADAPTER_PREFIX = "adapter."
 
 
 def check_run_id(run_id: str) -> None:
+    """Raise :class:`SessionError` unless ``run_id`` can name a run (it becomes a directory name)."""
     if not _RUN_ID.match(run_id):
         raise SessionError(
             "INVALID_ARGUMENT",
@@ -79,10 +81,10 @@ class RunCheckpoints:
 
     # ------------------------------------------------------------------ open
 
-    def find_live(self, sessions: dict, owner: str, run_id: str) -> BodySession | None:
+    def find_live(self, sessions: Mapping[str, BodySession], owner: str, run_id: str) -> BodySession | None:
         """The session of this run still held in memory (parked after a broken stream, or attached)."""
         for session in sessions.values():
-            if getattr(session, "run_id", None) == run_id and session.owner == owner:
+            if session.run_id == run_id and session.owner == owner:
                 return session
         return None
 
@@ -150,7 +152,7 @@ class RunCheckpoints:
 
     def save(self, session: BodySession) -> bool:
         """Write the run's adapter + optimiser at its current step. Never raises: a failed save is logged."""
-        if not self.enabled or getattr(session, "run_id", None) is None:
+        if not self.enabled or session.run_id is None:
             return False
         try:
             settings: LoraSettings = session.pool.settings[session.adapter]
@@ -181,17 +183,18 @@ class RunCheckpoints:
 
     def after_step(self, session: BodySession, requested: bool) -> bool:
         """Called after each optimiser step: save every K steps, or when the client asks."""
-        if getattr(session, "run_id", None) is None:
+        if session.run_id is None:
             return False
         due = self.every > 0 and session.steps % self.every == 0
         return self.save(session) if (requested or due) else False
 
     def save_if_dirty(self, session: BodySession) -> bool:
         """Save a run whose latest step is not on disk yet (on close, eviction and SIGTERM)."""
-        saved = getattr(session, "saved_step", None)  # None: the run never finished opening
-        if getattr(session, "run_id", None) is None or saved is None or saved == session.steps:
+        saved = session.saved_step  # None: the run never finished opening
+        if session.run_id is None or saved is None or saved == session.steps:
             return False
         return self.save(session)
 
     def save_all(self, sessions: list[BodySession]) -> int:
+        """Save every run among ``sessions`` whose latest step is not on disk; how many were saved."""
         return sum(self.save_if_dirty(s) for s in sessions)

@@ -8,10 +8,15 @@ import signal
 import threading
 from dataclasses import dataclass
 
+import grpc
+
 from ..model.loading import load_config, model_fingerprint
 from ..model.split import load_part, num_layers
+from ..wire import codec
+from ..wire import fedsplit_pb2_grpc as pb_grpc
 from .auth import TokenStore
-from .service import ServerConfig, SplitServicer, start_server
+from .config import ServerConfig
+from .service import SplitServicer
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +29,33 @@ def build_servicer(config: ServerConfig, tokens_file: str | None = None, body=No
         body = load_part(config.model, "body", span=layers)
     tokens = TokenStore.load(tokens_file) if tokens_file else None
     return SplitServicer(body, config, model_fingerprint(config.model), tokens)
+
+
+async def start_server(
+    servicer: SplitServicer, config: ServerConfig, tls_cert: str | None = None, tls_key: str | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """Start serving; returns the server and the bound port."""
+    # Keepalive pings find peers that vanished without closing their TCP connection (a host that
+    # lost power); their streams then break, their sessions are parked and the TTL frees them.
+    keepalive = [  # accept clients' pings too
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+    ]
+    server = grpc.aio.server(options=codec.channel_options(config.max_message_bytes) + keepalive)
+    pb_grpc.add_SplitServiceServicer_to_server(servicer, server)
+    address = f"{config.host}:{config.port}"
+    if tls_cert and tls_key:
+        with open(tls_key, "rb") as k, open(tls_cert, "rb") as c:
+            creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    await server.start()
+    return server, port
 
 
 async def _evict_forever(servicer: SplitServicer, every: float) -> None:
@@ -48,7 +80,7 @@ async def serve_forever(servicer, config, tls_cert=None, tls_key=None, ready=Non
     await stop.wait()
     log.info("shutting down")
     evictor.cancel()
-    await server.stop(grace=5)
+    await server.stop(grace=config.shutdown_grace)
     saved = await servicer.checkpoint_all()  # streams are gone; the worker finishes any step first
     if saved:
         log.info("checkpointed %d training run(s) on shutdown", saved)

@@ -9,80 +9,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from ..model.lora import LoraSettings
 from ..model.segments import Body
 from ..wire import codec
 from ..wire import fedsplit_pb2 as pb
 from ..wire import fedsplit_pb2_grpc as pb_grpc
 from ..wire.lora import lora_from_proto, lora_to_proto
+from ..wire.protocol import SessionConfig
 from .adapters import AdapterPool
 from .auth import TokenStore, bearer
 from .batching import DecodeBatcher
 from .checkpoint import RunCheckpoints, check_run_id, run_adapter_name
-from .session import BodySession, SessionConfig, SessionError
+from .config import ServerConfig
+from .coordination.factory import make_coordinator
+from .opening import memory_needed, session_config, status_code
+from .session import BodySession, SessionError
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class ServerConfig:
-    """How the server runs; every field is a `fedsplit serve` option."""
-
-    model: str = field(default="smollm2-135m", metadata={"help": "model spec"})
-    layers: tuple[int, int] | None = field(default=None, metadata={"help": "decoder layers [a, b) held"})
-    host: str = field(default="127.0.0.1", metadata={"help": "bind address"})
-    port: int = field(default=7070, metadata={"help": "port (0 = any free port)"})
-    memory_budget: int = field(
-        default=4 << 30, metadata={"help": "bytes for session state (KV caches, graphs)"}
-    )
-    session_ttl: float = field(default=600.0, metadata={"help": "seconds before an idle session is evicted"})
-    graph_ttl: float = field(default=300.0, metadata={"help": "seconds a forward waits for its backward"})
-    max_graphs: int = field(default=16, metadata={"help": "pending training forwards per session"})
-    max_message_bytes: int = field(
-        default=codec.DEFAULT_MAX_MESSAGE_BYTES, metadata={"help": "largest message"}
-    )
-    checkpoint_dir: str | None = field(
-        default=None,
-        metadata={"help": "where training runs (OpenSession.run_id) are checkpointed; None = nowhere"},
-    )
-    checkpoint_every: int = field(
-        default=100, metadata={"help": "checkpoint each run every K optimiser steps"}
-    )
-    checkpoint_keep: int = field(default=3, metadata={"help": "checkpoints kept per run"})
-    mode: str = field(
-        default="independent",
-        metadata={
-            "help": "training of many clients: independent | sequential | client-batch | server-hierarchical"
-        },
-    )
-    sync_every: int = field(
-        default=0,
-        metadata={"help": "server-hierarchical: average the body replicas every R steps (0 = never)"},
-    )
-    fedavg_every: int = field(
-        default=0,
-        metadata={
-            "help": "clients average their head/tail adapters every R "
-            "steps (0 = never; server-hierarchical: sync_every)"
-        },
-    )
-    round_timeout: float = field(default=30.0, metadata={"help": "seconds a round waits for missing clients"})
-    gather_ms: float = field(
-        default=250.0,
-        metadata={
-            "help": "server-hierarchical: how long a body pass waits "
-            "for the forwards of clients about to send one (0 = none)"
-        },
-    )
+T = TypeVar("T")
 
 
 async def _parsed(request_iterator, context):
@@ -96,33 +49,33 @@ async def _parsed(request_iterator, context):
         )
 
 
-def _status(name: str) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, name, grpc.StatusCode.UNKNOWN)
-
-
 class SplitServicer(pb_grpc.SplitServiceServicer):
-    """Serves every session whose body span lies inside the held layers."""
+    """Serves every session whose body span lies inside the held layers.
+
+    It is the coordinators' :class:`~fedsplit.server.coordination.base.BodyHost`: ``body``,
+    ``pool``, ``config``, ``sessions``, and :meth:`run` / :meth:`submit` on the body worker.
+    """
 
     def __init__(
         self, body: Body, config: ServerConfig, fingerprint: str, tokens: TokenStore | None = None
     ) -> None:
         self.body, self.config, self.fingerprint, self.tokens = body, config, fingerprint, tokens
         self.pool = AdapterPool(body)
-        self.sessions: dict[str, BodySession] = {}
+        self.sessions: dict[str, BodySession] = {}  # open sessions by id, attached or parked
+        # One worker thread runs all body compute, in order: sessions share the weights and the pool.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="body")
-        self.batcher = DecodeBatcher(self.executor)
+        self.batcher = DecodeBatcher(self.run)
         self.stats = {"forward": 0, "backward": 0, "errors": 0, "batched_rows": 0}
         self._reserved: dict[str, int] = {}
         self.runs = RunCheckpoints(
             config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep, fingerprint
         )
-        from ..federation.modes import make_coordinator  # many clients: fedsplit.federation
-
-        self.coordinator = make_coordinator(self)
+        self.coordinator = make_coordinator(self)  # how the body trains for many clients
 
     # ------------------------------------------------------------------ helpers
 
     def info(self) -> pb.InfoReply:
+        """What the server holds and speaks (the ``Info`` RPC, and part of ``SessionOpened``)."""
         start, end = self.body.span
         return pb.InfoReply(
             model_fingerprint=self.fingerprint,
@@ -146,35 +99,17 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         return client
 
-    def _kv_bytes(self, span: tuple[int, int], max_length: int, batch: int) -> int:
-        cfg = self.body.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        per_token = 2 * (span[1] - span[0]) * cfg.num_key_value_heads * head_dim * 4
-        return per_token * max_length * batch
-
-    def _train_bytes(self, config: SessionConfig) -> int:
-        """Rough reservation of a TRAIN session: adapter + grads + AdamW, and one pending graph."""
-        cfg = self.body.config
-        layers = config.span[1] - config.span[0]
-        rank = (config.lora or LoraSettings()).rank
-        adapter = layers * 4 * rank * 2 * cfg.hidden_size * 4 * 4  # ~4 targets, A+B, weight+grad+2 moments
-        # autograd keeps ~ (6 hidden + 4 intermediate) floats per token per layer, plus attention scores
-        per_token = (
-            layers
-            * (
-                6 * cfg.hidden_size
-                + 4 * cfg.intermediate_size
-                + 2 * cfg.num_attention_heads * config.max_length
-            )
-            * 4
-        )
-        return adapter + per_token * config.max_length * config.max_batch
-
     def memory_in_use(self) -> int:
+        """Bytes reserved by the open sessions (checked against ``memory_budget`` at each open)."""
         return sum(self._reserved.values())
 
-    async def _run(self, fn, *args):
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the body worker, after the work handed over before it; its result."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn(*args)`` on the body worker without waiting for it."""
+        self.executor.submit(fn, *args)
 
     # ------------------------------------------------------------------ RPCs
 
@@ -204,8 +139,8 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                             span_start=session.config.span[0],
                             span_end=session.config.span[1],
                             info=self.info(),
-                            resumed=getattr(session, "resumed", False),
-                            step=getattr(session, "steps", 0),
+                            resumed=session.resumed,
+                            step=session.steps,
                         ),
                     )
                     continue
@@ -218,7 +153,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                     reply = await self._handle(session, kind, msg)
                 except (SessionError, codec.WireError) as exc:
                     self.stats["errors"] += 1
-                    code = _status(exc.code) if isinstance(exc.code, str) else exc.code
+                    code = status_code(exc.code) if isinstance(exc.code, str) else exc.code
                     reply = pb.ServerMessage(error=pb.Error(code=code.value[0], message=str(exc)))
                 except Exception as exc:  # a check we lack: the session's state is suspect, so free it
                     log.exception("%s failed on %s of %s", kind, session.id, owner)
@@ -243,54 +178,16 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
     async def _open(self, req: pb.OpenSession, owner: str, context) -> BodySession:
         if req.HasField("resume_session_id"):
             return await self._resume(req.resume_session_id, owner, context)
-        if req.model_fingerprint and req.model_fingerprint != self.fingerprint:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"model mismatch: the server runs {self.config.model} (fingerprint {self.fingerprint}), "
-                f"the client has {req.model_fingerprint}",
-            )
-        mode = {pb.TRAIN: "train", pb.GENERATE: "generate"}.get(req.mode)
-        if mode is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "mode must be TRAIN or GENERATE")
         try:
-            wire_dtype = codec.wire_dtype_name(req.wire_dtype) if req.wire_dtype else codec.DEFAULT_WIRE_DTYPE
-        except codec.WireError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if req.max_length == 0 or req.max_length > 1 << 20:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_length must be between 1 and 1048576")
-        span = (req.span_start, req.span_end)
-        batch = req.max_batch_size or 1
-        try:
-            lora = lora_from_proto(req.lora) if req.HasField("lora") and req.lora.rank else None
-        except codec.WireError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        for name in ("learning_rate", "weight_decay"):
-            value = getattr(req, name)
-            ok = math.isfinite(value) and 0 <= value < 1e3 and (value > 0 or name == "weight_decay")
-            if req.HasField(name) and not ok:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{name} must be finite, below 1000 (learning_rate > 0, weight_decay >= 0)",
-                )
-        config = SessionConfig(
-            span=span,
-            mode=mode,
-            max_length=req.max_length,
-            max_batch=batch,
-            lora=lora,
-            lr=req.learning_rate if req.HasField("learning_rate") else 2e-4,
-            weight_decay=req.weight_decay if req.HasField("weight_decay") else 0.0,
-            warmup_steps=req.warmup_steps,
-            seed=req.lora.seed if req.HasField("lora") and req.lora.HasField("seed") else None,
-        )
+            config, wire_dtype = session_config(req, self.fingerprint, self.config.model)
+        except SessionError as exc:
+            await context.abort(status_code(exc.code), exc.message)
         config = self.coordinator.prepare(config)
         if req.run_id:
             adopted = await self._open_run(req, owner, config, context)
             if adopted is not None:
                 return adopted
-        need = (
-            self._kv_bytes(span, req.max_length, batch) if mode == "generate" else self._train_bytes(config)
-        )
+        need = memory_needed(self.body, config)
         if self.memory_in_use() + need > self.config.memory_budget:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -298,13 +195,13 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                 f"of the {self.config.memory_budget / 2**20:.1f} MiB budget is in use — retry later or lower max_length",
             )
         try:
-            session = await self._run(
+            session = await self.run(
                 lambda: BodySession(
                     self.body, self.pool, config, owner, self.config.max_graphs, self.config.graph_ttl
                 )
             )
         except SessionError as exc:
-            await context.abort(_status(exc.code), exc.message)
+            await context.abort(status_code(exc.code), exc.message)
         except ValueError as exc:  # e.g. LoRA target modules the body does not have
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot create the session: {exc}")
         session.wire_dtype = wire_dtype
@@ -312,18 +209,18 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         self._reserved[session.id] = need
         if session.run_id:
             try:
-                await self._run(self.runs.restore, session, list(req.resume_steps))
+                await self.run(self.runs.restore, session, list(req.resume_steps))
             except SessionError as exc:
                 self._close(session)
-                await context.abort(_status(exc.code), exc.message)
+                await context.abort(status_code(exc.code), exc.message)
         log.info(
             "opened %s for %s: %s span %s max_length %d%s",
             session.id,
             owner,
-            mode,
-            span,
-            req.max_length,
-            f" lr {session.config.lr:g}" if mode == "train" else "",
+            config.mode,
+            config.span,
+            config.max_length,
+            f" lr {session.config.lr:g}" if config.mode == "train" else "",
         )
         return session
 
@@ -334,7 +231,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         try:
             check_run_id(req.run_id)
         except SessionError as exc:
-            await context.abort(_status(exc.code), exc.message)
+            await context.abort(status_code(exc.code), exc.message)
         if config.mode != "train":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "run_id is for TRAIN sessions")
         if config.adapter is not None:  # a federation mode trains a shared adapter: not one client's run
@@ -350,7 +247,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         live = self.runs.find_live(self.sessions, owner, req.run_id)
         if live is None:
             return None
-        if getattr(live, "attached", False):
+        if live.attached:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, f"run {req.run_id!r} is in use by another stream"
             )
@@ -371,7 +268,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, f"session {session_id!r} belongs to another client"
             )
-        if getattr(session, "attached", False):
+        if session.attached:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, f"session {session_id!r} is in use by another stream"
             )
@@ -398,7 +295,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             elif session.config.mode == "train" and fwd.keep_graph:
                 out = await self.coordinator.forward(session, fwd.step_id, hidden, pad, fwd.position_offset)
             else:
-                out = await self._run(
+                out = await self.run(
                     session.forward,
                     fwd.step_id,
                     hidden,
@@ -431,7 +328,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         if kind == "step":
             clip = msg.step.grad_clip_norm if msg.step.HasField("grad_clip_norm") else 0.0
             await self.coordinator.step(session, clip)
-            saved = await self._run(self.runs.after_step, session, msg.step.checkpoint)
+            saved = await self.run(self.runs.after_step, session, msg.step.checkpoint)
             return pb.ServerMessage(
                 step_done=pb.StepDone(
                     step_id=msg.step.step_id,
@@ -439,7 +336,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                 )
             )
         if kind == "fetch_adapter":
-            settings, state = await self._run(session.adapter_state)
+            settings, state = await self.run(session.adapter_state)
             return pb.ServerMessage(
                 adapter=pb.AdapterState(
                     lora=lora_to_proto(settings), tensors=codec.named_tensors(state, "fp32")
@@ -449,7 +346,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             put = msg.put_adapter
             limit = sum(p.numel() for p in self.body.parameters())
             state = codec.from_named_tensors(put.tensors, max_elements=limit)
-            await self._run(session.put_adapter, lora_from_proto(put.lora), state)
+            await self.run(session.put_adapter, lora_from_proto(put.lora), state)
             return pb.ServerMessage(step_done=pb.StepDone())
         raise SessionError("INVALID_ARGUMENT", f"unexpected message {kind!r}")
 
@@ -464,45 +361,18 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
     def _close(self, session: BodySession) -> None:
         self.sessions.pop(session.id, None)
         self._reserved.pop(session.id, None)
-        self.executor.submit(self.runs.save_if_dirty, session)  # same worker, so before the close below
-        self.executor.submit(session.close)
+        self.submit(self.runs.save_if_dirty, session)  # same worker, so before the close below
+        self.submit(session.close)
         log.info("closed %s", session.id)
 
     async def checkpoint_all(self) -> int:
         """Save every training run whose latest step is not on disk yet (SIGTERM)."""
-        return await self._run(self.runs.save_all, list(self.sessions.values()))
+        return await self.run(self.runs.save_all, list(self.sessions.values()))
 
     async def evict_idle(self) -> None:
         """Free sessions idle longer than the TTL (a client that vanished without closing)."""
         now = time.monotonic()
         for session in list(self.sessions.values()):
-            if not getattr(session, "attached", False) and now - session.last_used > self.config.session_ttl:
+            if not session.attached and now - session.last_used > self.config.session_ttl:
                 log.warning("evicting idle session %s of %s", session.id, session.owner)
                 self._close(session)
-
-
-async def start_server(
-    servicer: SplitServicer, config: ServerConfig, tls_cert: str | None = None, tls_key: str | None = None
-) -> tuple[grpc.aio.Server, int]:
-    """Start serving; returns the server and the bound port."""
-    # Keepalive pings find peers that vanished without closing their TCP connection (a host that
-    # lost power); their streams then break, their sessions are parked and the TTL frees them.
-    keepalive = [  # accept clients' pings too
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
-    ]
-    server = grpc.aio.server(options=codec.channel_options(config.max_message_bytes) + keepalive)
-    pb_grpc.add_SplitServiceServicer_to_server(servicer, server)
-    address = f"{config.host}:{config.port}"
-    if tls_cert and tls_key:
-        with open(tls_key, "rb") as k, open(tls_cert, "rb") as c:
-            creds = grpc.ssl_server_credentials([(k.read(), c.read())])
-        port = server.add_secure_port(address, creds)
-    else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot bind {address}")
-    await server.start()
-    return server, port

@@ -14,7 +14,10 @@ import torch
 
 from ..model.lora import LoraSettings
 from ..model.segments import Body, KVCache
+from ..wire import codec
+from ..wire.protocol import SessionConfig
 from .adapters import AdapterPool
+from .config import ServerConfig
 
 
 class SessionError(Exception):
@@ -24,24 +27,6 @@ class SessionError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-@dataclass
-class SessionConfig:
-    """What a client asks for when it opens a session."""
-
-    span: tuple[int, int]
-    mode: str = "generate"  # "train" | "generate"
-    max_length: int = 2048
-    max_batch: int = 8
-    lora: LoraSettings | None = None
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0  # train: lr ramps up linearly over the adapter's first optimiser steps
-    adapter: str | None = None  # train: share a named adapter instead of a private one
-    seed: int | None = None  # LoRA init seed (same layer, same init, wherever it runs)
-    run_id: str | None = None  # train: a named run whose adapter the server checkpoints and restores
-    resume_steps: tuple[int, ...] = ()  # train with run_id: steps the client can resume from (empty: latest)
 
 
 def warm_up(optimizer: torch.optim.Optimizer, lr: float, warmup_steps: int) -> None:
@@ -77,8 +62,8 @@ class BodySession:
         pool: AdapterPool,
         config: SessionConfig,
         owner: str = "local",
-        max_graphs: int = 16,
-        graph_ttl: float = 600.0,
+        max_graphs: int = ServerConfig.max_graphs,  # the dataclass defaults: one source for both
+        graph_ttl: float = ServerConfig.graph_ttl,
     ) -> None:
         start, end = config.span
         held = body.span
@@ -92,15 +77,25 @@ class BodySession:
         self.id = f"s{next(_ids)}-{owner}"
         self.owner = owner
         self.body, self.pool, self.config = body, pool, config
-        self.cache = KVCache() if config.mode == "generate" else None
+        self.cache: KVCache | None = KVCache() if config.mode == "generate" else None
         self.graphs: dict[int, _Graph] = {}
         self.max_graphs, self.graph_ttl = max_graphs, graph_ttl
-        self.last_used = time.monotonic()
-        self.adapter = config.adapter
-        self.optimizer = None
+        self.last_used = time.monotonic()  # the service parks and evicts by it
+        self.adapter: str | None = config.adapter  # a coordinator may name a shared one (SessionConfig)
+        # AdamW of the adapter; a shared-adapter coordinator replaces it with the one all its clients use.
+        self.optimizer: torch.optim.Optimizer | None = None
         self._adapter_params: list[torch.nn.Parameter] = []  # a train session's body LoRA weights
-        self.steps = 0  # optimiser steps applied to this session's adapter (restored with a run)
-        self.run_id = config.run_id  # a named training run (fedsplit.server.checkpoint)
+        # Optimiser steps applied to this session's adapter: counted by step(), by a client-batch
+        # round's step, and set by RunCheckpoints.restore when a run resumes.
+        self.steps = 0
+        self.run_id: str | None = config.run_id  # a named training run (fedsplit.server.checkpoint)
+        # The latest step of the run on disk; None until RunCheckpoints.restore has opened the run.
+        self.saved_step: int | None = None
+        self.attached = False  # the service: a stream carries it now (else parked, awaiting a resume)
+        # The client continues earlier work: set by the service when a stream re-attaches, and by
+        # RunCheckpoints.restore when a run starts from a saved step (SessionOpened.resumed).
+        self.resumed = False
+        self.wire_dtype: str = codec.DEFAULT_WIRE_DTYPE  # the service: OpenSession.wire_dtype of replies
         if config.mode == "train":
             if self.adapter is None:
                 self.adapter = f"session_{self.id}"
@@ -119,8 +114,13 @@ class BodySession:
     def hidden_size(self) -> int:
         return int(self.body.config.hidden_size)
 
-    def _check(self, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int | None) -> None:
-        """Validate a forward; ``offset`` None: a stateless call (no cache to match)."""
+    def check_inputs(self, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int | None) -> None:
+        """Raise :class:`SessionError` if a forward's inputs do not fit this session.
+
+        ``offset`` None: a stateless call (holds nothing afterwards, so only the shapes are
+        checked); otherwise the batch, length and pad limits, and the KV cache position.
+        Coordinators and the decode batcher call it before they run a forward their own way.
+        """
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
             raise SessionError(
                 "INVALID_ARGUMENT",
@@ -172,7 +172,7 @@ class BodySession:
             raise SessionError(
                 "INVALID_ARGUMENT", f"position offset {offset} without a KV cache; it must be 0"
             )
-        self._check(hidden, pad_lengths, offset if stateful else None)
+        self.check_inputs(hidden, pad_lengths, offset if stateful else None)
         self.pool.activate(self.adapter)
         if not stateful:
             with torch.no_grad():

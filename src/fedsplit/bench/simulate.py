@@ -19,23 +19,41 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .modes import check_mode
+from ..client.config import MODEL_HELP
 from .workers import ClientPool, ClientSpec, Job
 
 log = logging.getLogger(__name__)
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    """``"2"`` or ``"1,2"`` -> ``(1, 2)``; ValueError says what is accepted."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"takes an integer or a comma-separated list (e.g. 2 or 1,2), not {text!r}"
+        ) from None
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+    """``"0,20,50"`` -> ``(0.0, 20.0, 50.0)``; ValueError says what is accepted."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"takes comma-separated numbers (e.g. 0,20,50), not {text!r}") from None
 
 
 @dataclass
 class SimulateConfig:
     """One simulated federation; every field is a `fedsplit simulate` option."""
 
-    model: str = field(default="smollm2-135m", metadata={"help": "model spec"})
-    clients: int = field(default=8, metadata={"help": "number of client processes"})
+    model: str = field(default="smollm2-135m", metadata={"help": MODEL_HELP})
+    clients: int = field(default=8, metadata={"help": "client processes"})
     mode: str = field(
         default="server-hierarchical", metadata={"help": "sequential | client-batch | server-hierarchical"}
     )
     task: str = field(default="sentiment", metadata={"help": "task name (fedsplit.tasks)"})
-    partition: str = field(default="iid", metadata={"help": "iid | dirichlet:ALPHA"})
+    partition: str = field(default="iid", metadata={"help": "iid or dirichlet:ALPHA (label skew)"})
     steps: int = field(default=100, metadata={"help": "training steps per client"})
     batch_size: int = field(default=8, metadata={"help": "examples per client step"})
     lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate (head, body and tail LoRA)"})
@@ -51,8 +69,22 @@ class SimulateConfig:
     )
     max_length: int = field(default=128, metadata={"help": "token limit per example"})
     max_examples: int | None = field(default=None, metadata={"help": "cap on the task's training examples"})
-    head_layers: tuple[int, ...] = field(default=(2,), metadata={"help": "p; a list cycles over the clients"})
-    tail_layers: tuple[int, ...] = field(default=(2,), metadata={"help": "q; a list cycles over the clients"})
+    head_layers: tuple[int, ...] = field(
+        default=(2,),
+        metadata={
+            "help": "p; a comma list cycles over the clients (server-hierarchical allows different p per client)",
+            "parse": parse_ints,
+            "metavar": "P[,P...]",
+        },
+    )
+    tail_layers: tuple[int, ...] = field(
+        default=(2,),
+        metadata={
+            "help": "q; a comma list cycles over the clients",
+            "parse": parse_ints,
+            "metavar": "Q[,Q...]",
+        },
+    )
     sync_every: int = field(
         default=10, metadata={"help": "server-hierarchical: FedAvg of body replicas every R steps"}
     )
@@ -70,7 +102,9 @@ class SimulateConfig:
         default=0,
         metadata={"help": "compute threads of the server (0: one per core); every client computes with one"},
     )
-    rtt_ms: float = field(default=0.0, metadata={"help": "round-trip time added by the shaping proxy"})
+    rtt_ms: float = field(
+        default=0.0, metadata={"help": "round-trip time added by a shaping proxy on loopback"}
+    )
     bandwidth_mbps: float = field(default=0.0, metadata={"help": "per-client bandwidth cap (0 = none)"})
     wire_dtype: str = field(default="fp16", metadata={"help": "fp32 | fp16 | bf16 | int8"})
     rank: int = field(default=8, metadata={"help": "LoRA rank"})
@@ -79,10 +113,14 @@ class SimulateConfig:
     eval_examples: int = field(
         default=200, metadata={"help": "test examples for the global model (0 = skip)"}
     )
-    out: str = field(default="runs/simulate", metadata={"help": "report folder"})
+    out: str = field(
+        default="runs/simulate", metadata={"help": "report folder (report.json/.md, loss.png, global/)"}
+    )
 
     def check(self) -> None:
         """Raise ValueError with what to change, for options that cannot work."""
+        from ..server.coordination.base import check_mode  # here: the config stays cheap to import
+
         check_mode(self.mode)
         if self.mode == "independent":
             raise ValueError(
@@ -126,14 +164,15 @@ class SimulateConfig:
         ]
 
     def serve_args(self) -> list[str]:
-        fedavg = (
-            self.sync_every if self.mode == "server-hierarchical" and self.sync_every else self.fedavg_every
-        )
+        hierarchical = self.mode == "server-hierarchical"
+        # server-hierarchical averages heads and tails at its body syncs: 0 leaves the period to
+        # the server's rule (ServerConfig.fedavg_period), which clients then learn from Info
+        fedavg = 0 if hierarchical and self.sync_every else self.fedavg_every
         return [
             "--mode",
             self.mode,
             "--sync-every",
-            str(self.sync_every if self.mode == "server-hierarchical" else 0),
+            str(self.sync_every if hierarchical else 0),
             "--fedavg-every",
             str(fedavg),
             "--round-timeout",
@@ -171,7 +210,7 @@ def one_thread_per_process():
 @contextlib.contextmanager
 def federation_server(cfg: SimulateConfig, log_path: Path):
     """``fedsplit serve`` in ``cfg.mode`` in a child process; yields its address."""
-    from ..bench.procs import server_process
+    from .procs import server_process
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from .config import TrainModesConfig
 from .simulate import GlobalModel, SimulateConfig, run_job, write_report
 from .workers import ClientPool
 
@@ -28,29 +29,6 @@ MODES = ("sequential", *PARALLEL)
 SHORT = {"sequential": "seq", "client-batch": "cb", "server-hierarchical": "sh"}
 
 
-@dataclass
-class TrainModesConfig:
-    """`fedsplit bench train-modes` options; the rest of a run is a :class:`SimulateConfig`."""
-
-    rtt_ms: tuple[float, ...] = field(
-        default=(0.0, 20.0, 50.0), metadata={"help": "round-trip times to measure"}
-    )
-    eval_examples: int = field(
-        default=200,
-        metadata={"help": "test examples per mode's global model, evaluated at the first RTT (0 = skip)"},
-    )
-    repeats: int = field(default=1, metadata={"help": "runs per mode and RTT (medians are reported)"})
-    body_lr_scale: str = field(
-        default="linear",
-        metadata={
-            "help": "learning rate of the parallel modes' body LoRA: linear = lr x clients (one body "
-            "step, or one FedAvg of the replicas, covers every client's batch), sqrt = lr x sqrt(clients), "
-            "none = lr"
-        },
-    )
-    out: str = field(default="results/train-modes", metadata={"help": "report folder"})
-
-
 class _ComputeShare:
     """The client steps of some clients, in one process, without network or serialisation."""
 
@@ -59,8 +37,8 @@ class _ComputeShare:
         from ..model.loading import load_config, load_tokenizer
         from ..model.lora import LoraSettings, add_lora
         from ..model.split import body_span, load_part, num_layers
-        from ..server.session import SessionConfig
         from ..tasks import iterate_batches, load_task, partition
+        from ..wire.protocol import SessionConfig
 
         p, q = cfg.head_layers[0], cfg.tail_layers[0]
         lora = LoraSettings(rank=cfg.rank, alpha=cfg.alpha)
@@ -272,7 +250,7 @@ def summarise(runs: list[dict], compute_seconds: float) -> list[dict]:
     return rows
 
 
-def run_train_modes(sim: SimulateConfig, cfg: TrainModesConfig, progress: bool = True) -> dict:
+def run_train_modes(cfg: TrainModesConfig, progress: bool = True) -> dict:
     """Measure every mode at every RTT with one pool of client processes; write the report.
 
     One server per mode runs for the whole benchmark (a server starts a new federation
@@ -283,6 +261,8 @@ def run_train_modes(sim: SimulateConfig, cfg: TrainModesConfig, progress: bool =
     from ..tasks import load_task
     from .simulate import federation_server
 
+    cfg = cfg.resolved()
+    sim = cfg.simulate_config()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     for mode in MODES:

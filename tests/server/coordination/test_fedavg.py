@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedsplit.federation.fedavg import layer_of, restrict, weighted_average
+from fedsplit.server.coordination.fedavg import layer_of, restrict, weighted_average
 
 
 def test_average_is_weighted_by_examples():

@@ -91,10 +91,10 @@ class _Client:
         self.summary = {"examples": len(self.part), "labels": labels, "span": list(self.span)}
 
     def run(self, job: Job, events, start) -> dict:
+        from ..client.federated import MODE_NAMES, FederatedTransport, train_federated
         from ..model.lora import load_lora_state_dict
-        from ..server.session import SessionConfig
         from ..tasks import iterate_batches
-        from .client import MODE_NAMES, FederatedTransport, train_federated
+        from ..wire.protocol import SessionConfig
 
         spec, client = self.spec, self.client
         load_lora_state_dict(client.head, self.initial[0])
@@ -168,7 +168,7 @@ class _Client:
         }
         save_adapter(self.client.head, out / "head", self.lora, **meta)
         save_adapter(self.client.tail, out / "tail", self.lora, **meta)
-        from .fedavg import restrict
+        from ..server.coordination.fedavg import restrict
 
         settings, state = self.client.train_session.adapter_state()
         # The server's adapter covers every layer it holds; the global body is this client's span of it.

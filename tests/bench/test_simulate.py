@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from fedsplit.federation.simulate import SimulateConfig, run_simulation
+from fedsplit.bench.simulate import SimulateConfig, run_simulation
+
+pytestmark = pytest.mark.e2e
 
 
 def test_simulate_trains_clients_with_different_partitions_and_writes_a_report(tmp_path):

@@ -18,9 +18,9 @@ import logging
 
 import torch
 
-from ..server.session import BodySession, SessionError, warm_up
+from ..session import BodySession, SessionError, warm_up
+from .base import SHARED_ADAPTER, BodyHost, SharedAdapter
 from .joint import Round, joint_backward, joint_forward, leave
-from .modes import SHARED_ADAPTER, SharedAdapter
 from .rounds import Gather
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,8 @@ class ClientBatch(SharedAdapter):
 
     mode = "client-batch"
 
-    def __init__(self, servicer) -> None:
-        super().__init__(servicer)
+    def __init__(self, host: BodyHost) -> None:
+        super().__init__(host)
         self.forwards = Gather(
             "client-batch forward", self.timeout, self.waiting_for_forward, self._forward_round
         )
@@ -88,7 +88,7 @@ class ClientBatch(SharedAdapter):
     async def forward(self, session, step_id, hidden, pad, offset):
         if not self.shared(session):
             return await super().forward(session, step_id, hidden, pad, offset)
-        session._check(hidden, pad, offset)
+        session.check_inputs(hidden, pad, offset)
         if offset != 0:
             raise SessionError(
                 "INVALID_ARGUMENT", "client-batch training runs whole sequences: position_offset must be 0"
@@ -125,7 +125,7 @@ class ClientBatch(SharedAdapter):
                 if gather is not None:
                     gather.poke()  # nobody is expected any more: pending requests get their error now
         self._open.clear()
-        await self.servicer._run(self.zero_grad)
+        await self.host.run(self.zero_grad)
 
     @staticmethod
     def _closed(rnd: Round, items: dict) -> dict:
@@ -144,7 +144,7 @@ class ClientBatch(SharedAdapter):
         results: dict = {}
         for span, members in groups.items():
             self.rounds += 1
-            rnd, outs = await self.servicer._run(self._joint_forward, self.rounds, span, members)
+            rnd, outs = await self.host.run(self._joint_forward, self.rounds, span, members)
             self._open[rnd.number] = rnd
             rnd.backwards = Gather(
                 f"client-batch backward {rnd.number}",
@@ -158,7 +158,7 @@ class ClientBatch(SharedAdapter):
         return results
 
     def _joint_forward(self, number: int, span: tuple[int, int], members: dict):
-        rnd, results = joint_forward(self.servicer, number, span, members, SHARED_ADAPTER)
+        rnd, results = joint_forward(self.host, number, span, members, SHARED_ADAPTER)
         rows = sum(s.rows.stop - s.rows.start for s in rnd.slots.values())
         self.rows += rows
         self.members += len(members)
@@ -205,7 +205,7 @@ class ClientBatch(SharedAdapter):
             lambda it, r=rnd: self._step_round(r, it),
         )
         try:
-            return await self.servicer._run(self._joint_backward, rnd, items)
+            return await self.host.run(self._joint_backward, rnd, items)
         except Exception:
             for sid in items:
                 self.by_session.pop(sid, None)
@@ -234,7 +234,7 @@ class ClientBatch(SharedAdapter):
             return self._closed(rnd, items)
         clip = max(items.values(), default=0.0)
         try:
-            await self.servicer._run(self._apply, clip)
+            await self.host.run(self._apply, clip)
         finally:
             for sid in rnd.slots:
                 if self.by_session.get(sid) is rnd:
@@ -243,14 +243,14 @@ class ClientBatch(SharedAdapter):
             self.forwards.poke()
         for sid in items:
             session = rnd.slots[sid].session
-            session.steps = getattr(session, "steps", 0) + 1
+            session.steps += 1
         return {sid: None for sid in items}
 
     def _apply(self, clip: float) -> None:
         if self.optimizer is None:
             return
         if clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.servicer.pool.parameters(SHARED_ADAPTER), clip)
+            torch.nn.utils.clip_grad_norm_(self.host.pool.parameters(SHARED_ADAPTER), clip)
         warm_up(self.optimizer, *self.schedule)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

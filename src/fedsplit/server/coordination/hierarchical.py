@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import logging
 
-from ..server.batching import WorkerBatcher
-from ..server.session import BodySession, SessionError
+from ..batching import WorkerBatcher
+from ..session import BodySession, SessionError
+from .base import BodyHost, Coordinator
 from .fedavg import restrict, weighted_average
 from .joint import Round, joint_backward, joint_forward, leave
-from .modes import Coordinator
 from .rounds import Gather
 
 log = logging.getLogger(__name__)
@@ -37,17 +37,15 @@ class ServerHierarchical(Coordinator):
 
     mode = "server-hierarchical"
 
-    def __init__(self, servicer) -> None:
-        super().__init__(servicer)
-        if self.sync_every and not self.fedavg_every:
-            self.fedavg_every = self.sync_every  # heads and tails are averaged at the same rounds
+    def __init__(self, host: BodyHost) -> None:
+        super().__init__(host)  # fedavg_every follows sync_every here (ServerConfig.fedavg_period)
         self.local_steps: dict[str, int] = {}
         self.examples: dict[str, int] = {}
         self.barriers: dict[int, Gather] = {}
         self.last_round = 0
         self.syncs = 0
-        linger = float(getattr(servicer.config, "gather_ms", 0.0)) / 1000
-        self.forwards = WorkerBatcher(servicer.executor, self._forward_batch, linger, self._expected_forwards)
+        linger = float(host.config.gather_ms) / 1000
+        self.forwards = WorkerBatcher(host.run, self._forward_batch, linger, self._expected_forwards)
         self.passes = 0  # joint replica passes run
         self.joint_rows = 0
         self.joint_clients = 0
@@ -89,7 +87,7 @@ class ServerHierarchical(Coordinator):
     async def forward(self, session, step_id, hidden, pad, offset):
         if session.config.mode != "train" or session.adapter is None:
             return await super().forward(session, step_id, hidden, pad, offset)
-        session._check(hidden, pad, offset)
+        session.check_inputs(hidden, pad, offset)
         if offset != 0:
             raise SessionError(
                 "INVALID_ARGUMENT",
@@ -134,7 +132,7 @@ class ServerHierarchical(Coordinator):
                 self.passes += 1
                 self.joint_clients += len(indices)
                 members = {items[i][0].id: items[i] for i in indices}
-                rnd, outs = joint_forward(self.servicer, self.passes, span, members, adapter=None)
+                rnd, outs = joint_forward(self.host, self.passes, span, members, adapter=None)
                 self.joint_rows += sum(s.rows.stop - s.rows.start for s in rnd.slots.values())
                 for i in indices:
                     results[i] = (rnd, outs[items[i][0].id])
@@ -165,9 +163,7 @@ class ServerHierarchical(Coordinator):
                 del self.by_session[sid]  # a client missing here lost this step's gradient
         self._open.pop(rnd.number, None)
         # Replicas share no weights: every client's gradient enters unscaled.
-        return await self.servicer._run(
-            joint_backward, rnd, {sid: (grad, 1.0) for sid, grad in items.items()}
-        )
+        return await self.host.run(joint_backward, rnd, {sid: (grad, 1.0) for sid, grad in items.items()})
 
     # ------------------------------------------------------------------ optimiser step and sync
 
@@ -199,9 +195,7 @@ class ServerHierarchical(Coordinator):
         self.barriers.pop(rnd, None)
         self.last_round = max(self.last_round, rnd)
         weights = {sid: self.examples.get(sid, 0) for sid in members}
-        await self.servicer._run(
-            average_replicas, self.servicer.pool, list(members.values()), list(weights.values())
-        )
+        await self.host.run(average_replicas, self.host.pool, list(members.values()), list(weights.values()))
         for sid in members:
             self.examples[sid] = 0
         self.syncs += 1

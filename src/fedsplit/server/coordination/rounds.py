@@ -17,8 +17,9 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..wire import codec
-from ..wire import fedsplit_pb2 as pb
+from ...wire import codec
+from ...wire import fedsplit_pb2 as pb
+from ..session import SessionError
 from .fedavg import weighted_average
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,6 @@ class Gather:
     async def submit(self, member: str, item: Any) -> Any:
         """Join the current round; returns this member's result once the round has run."""
         if member in self.pending:
-            from ..server.session import SessionError
-
             raise SessionError("FAILED_PRECONDITION", f"{self.name}: already waiting in this round")
         future = asyncio.get_running_loop().create_future()
         self.pending[member] = (item, future)

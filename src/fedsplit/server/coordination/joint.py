@@ -19,7 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..server.session import BodySession
+from ..session import BodySession
+from .base import BodyHost
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def leave(by_session: dict[str, Round], session: BodySession, what: str) -> None
 
 
 def joint_forward(
-    servicer, number: int, span: tuple[int, int], members: dict, adapter: str | None
+    host: BodyHost, number: int, span: tuple[int, int], members: dict, adapter: str | None
 ) -> tuple[Round, dict[str, torch.Tensor]]:
     """Run ``{sid: (session, step_id, hidden, pad)}`` as one batch; keep the graph in a Round.
 
@@ -74,13 +75,13 @@ def joint_forward(
         names += [session.adapter] * h.shape[0]
         row += h.shape[0]
     inputs = torch.cat(hidden).detach().requires_grad_()
-    pool = servicer.pool
+    pool = host.pool
     if adapter is not None:
         pool.activate(adapter)
-        outputs = servicer.body(inputs, torch.cat(pad), None, 0, span=span)
+        outputs = host.body(inputs, torch.cat(pad), None, 0, span=span)
     else:
         with pool.rows(names):
-            outputs = servicer.body(inputs, torch.cat(pad), None, 0, span=span)
+            outputs = host.body(inputs, torch.cat(pad), None, 0, span=span)
     out = outputs.detach()
     results = {sid: out[s.rows, longest - s.length :] for sid, s in slots.items()}
     return Round(number, span, inputs, outputs, slots), results

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from fedsplit.federation.proxy import ShapingProxy, TokenBucket
+from fedsplit.bench.proxy import ShapingProxy, TokenBucket
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 import pytest
 
 from fedsplit.model.split import load_part
-from fedsplit.server.service import ServerConfig, SplitServicer
+from fedsplit.server.config import ServerConfig
+from fedsplit.server.service import SplitServicer
 
 
 @pytest.fixture

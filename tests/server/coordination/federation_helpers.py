@@ -5,7 +5,8 @@ import asyncio
 import torch
 
 from fedsplit.model.lora import LoraSettings
-from fedsplit.server.session import BodySession, SessionConfig
+from fedsplit.server.session import BodySession
+from fedsplit.wire.protocol import SessionConfig
 
 LORA = LoraSettings(rank=4, alpha=8.0)
 H = 64  # tiny-llama hidden size

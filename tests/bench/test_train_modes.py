@@ -4,8 +4,10 @@ import os
 
 import pytest
 
-from fedsplit.federation.bench import body_lrs, cpu_between, machine_cpu, summarise
-from fedsplit.federation.simulate import SimulateConfig
+from fedsplit.bench.config import TrainModesConfig
+from fedsplit.bench.simulate import SimulateConfig
+from fedsplit.bench.train_modes import body_lrs, cpu_between, machine_cpu, summarise
+from fedsplit.server.config import ServerConfig
 
 
 def test_summary_reports_speedups_and_the_bound_per_rtt():
@@ -78,3 +80,32 @@ def test_summary_lists_each_runs_busy_cores_and_steal_when_measured():
     assert row["sh_of_bound_less_steal"] == pytest.approx(1.0)  # 2 s stolen from 2 cores: 1 s lost
     (plain,) = summarise([{k: v for k, v in r.items() if k != "machine"} for r in runs], 4.0)
     assert "steal_s" not in plain and "sh_of_bound_less_steal" not in plain
+
+
+def test_unset_train_modes_options_take_the_models_bench_defaults():
+    tiny = TrainModesConfig(model="tiny-llama", clients=4, head_layers=2).resolved()
+    assert (tiny.steps, tiny.max_length, tiny.sync_every, tiny.tail_layers) == (40, 48, 10, 1)
+    assert (tiny.head_layers, tiny.eval_examples, tiny.server_threads) == (2, 200, 1)  # given: kept
+    other = TrainModesConfig(model="some/model", steps=0, server_threads=0, eval_examples=0).resolved()
+    assert (other.steps, other.sync_every, other.server_threads, other.eval_examples) == (4, 2, 0, 0)
+
+
+def test_every_train_mode_averages_heads_and_tails_at_the_body_sync_period():
+    sim = TrainModesConfig(model="tiny-llama", sync_every=5, rtt_ms=(0.0,)).simulate_config()
+    assert (sim.sync_every, sim.fedavg_every, sim.head_layers, sim.eval_examples) == (5, 5, (1,), 0)
+
+
+def test_simulate_leaves_the_hierarchical_fedavg_period_to_the_servers_rule():
+    def served(cfg: SimulateConfig) -> ServerConfig:
+        args = cfg.serve_args()
+        value = {args[i]: args[i + 1] for i in range(0, len(args), 2)}
+        return ServerConfig(
+            mode=value["--mode"],
+            sync_every=int(value["--sync-every"]),
+            fedavg_every=int(value["--fedavg-every"]),
+        )
+
+    # server-hierarchical: heads and tails are averaged at the body syncs, whatever fedavg_every says
+    hierarchical = SimulateConfig(mode="server-hierarchical", sync_every=5, fedavg_every=10)
+    assert served(hierarchical).fedavg_period() == 5
+    assert served(SimulateConfig(mode="sequential", sync_every=5, fedavg_every=10)).fedavg_period() == 10

@@ -8,16 +8,17 @@ import pytest
 import torch
 from federation_helpers import LORA
 
+from fedsplit.client.config import TrainConfig
 from fedsplit.client.core import LocalTransport, SplitClient
+from fedsplit.client.federated import FederatedTransport, head_tail_state, target_tokens
 from fedsplit.client.remote import RemoteError
-from fedsplit.client.train import TrainConfig, build_client, run_training
-from fedsplit.federation.client import FederatedTransport, head_tail_state, target_tokens
+from fedsplit.client.train import build_client, run_training
 from fedsplit.model.loading import model_fingerprint
 from fedsplit.model.split import load_part
+from fedsplit.server.config import ServerConfig
 from fedsplit.server.runner import build_servicer, start_background
-from fedsplit.server.service import ServerConfig
-from fedsplit.server.session import SessionConfig
 from fedsplit.wire import fedsplit_pb2 as pb
+from fedsplit.wire.protocol import SessionConfig
 
 SPEC, SPAN = "tiny-llama", (1, 3)
 FINGERPRINT = model_fingerprint(SPEC)
@@ -120,7 +121,7 @@ def test_client_batch_over_grpc_trains_the_body_like_one_client_with_the_union(s
     for key, value in want.items():
         if key.startswith(("layers.1.", "layers.2.")):
             assert torch.allclose(got[key], value, atol=2e-5), key
-    caplog.set_level(logging.INFO, logger="fedsplit.federation.client_batch")
+    caplog.set_level(logging.INFO, logger="fedsplit.server.coordination.client_batch")
     for c, t in zip(clients, transports):
         c.train_session.close()  # a closed session (not a dropped stream, which is parked) leaves
         t.close()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from federation_helpers import open_train, ragged, run
 
-from fedsplit.federation.modes import SHARED_ADAPTER
+from fedsplit.server.coordination.base import SHARED_ADAPTER
 
 CLIENTS = [ragged(2, 5, 1), ragged(3, 9, 2), ragged(1, 7, 3)]  # ragged lengths: 5, 9 and 7 tokens
 WEIGHTS = [4.0, 11.0, 2.0]  # target tokens per client

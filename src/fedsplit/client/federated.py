@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ..client.core import SplitClient
-from ..client.remote import RemoteSession, RemoteTransport
 from ..model.lora import load_lora_state_dict, lora_state_dict
 from ..wire import codec
 from ..wire import fedsplit_pb2 as pb
+from .core import SplitClient
+from .remote import RemoteSession, RemoteTransport
 
 log = logging.getLogger(__name__)
 

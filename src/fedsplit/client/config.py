@@ -1,0 +1,166 @@
+"""One fine-tuning run: every field is a ``fedsplit train`` option (and a key of ``--config`` files)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the config stays cheap to import: the CLI builds its options from it at start-up
+    from ..model.lora import LoraSettings
+
+MODEL_HELP = "preset (smollm2-135m, tiny-llama), Hugging Face id, local directory or .gguf file"
+
+
+@dataclass
+class TrainConfig:
+    """One fine-tuning run; every field is a `fedsplit train` option."""
+
+    model: str = field(default="smollm2-135m", metadata={"help": MODEL_HELP})
+    server: str | None = field(
+        default=None,
+        metadata={"help": "HOST:PORT of a fedsplit server (omit with --local or --centralized)"},
+    )
+    head_layers: int = field(default=2, metadata={"help": "p: decoder blocks in the client's head"})
+    tail_layers: int = field(default=2, metadata={"help": "q: decoder blocks in the client's tail"})
+    task: str = field(
+        default="sentiment", metadata={"help": "task (sentiment, summarization, dialogue, jsonl, boolq, ...)"}
+    )
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "the task's data: a JSONL file or folder (--task jsonl), a local copy or hub id (other tasks)"
+        },
+    )
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "examples per step"})
+    lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate (head, body and tail LoRA)"})
+    body_lr: float | None = field(
+        default=None, metadata={"help": "learning rate of the body LoRA on the server (default: --lr)"}
+    )
+    body_warmup: int = field(
+        default=0,
+        metadata={"help": "body optimiser steps over which the body lr ramps up linearly (0 = constant)"},
+    )
+    max_length: int = field(default=128, metadata={"help": "token limit per example"})
+    max_examples: int | None = field(default=None, metadata={"help": "cap on examples per split"})
+    noise: float = field(
+        default=0.0,
+        metadata={"help": "Gaussian noise std on hidden states sent (absolute; see --noise-relative)"},
+    )
+    noise_relative: bool = field(default=False, metadata={"help": "--noise is relative to each token's RMS"})
+    defense: str | None = field(
+        default=None,
+        metadata={"help": "privacy defence spec, e.g. dp:clip=1,sigma=0.5 (overrides --noise)"},
+    )
+    wire_dtype: str = field(default="fp16", metadata={"help": "fp32 | fp16 | bf16 | int8"})
+    seed: int = field(default=0, metadata={"help": "seed for data order, LoRA init and noise"})
+    eval_every: int = field(
+        default=0, metadata={"help": "evaluate on the validation split every N steps (0 = only at the end)"}
+    )
+    eval_examples: int = field(default=200, metadata={"help": "examples per evaluation"})
+    clip_norm: float = field(
+        default=0.0,
+        metadata={
+            "help": "gradient norm clipping (0 = off; client and server clip their own LoRA separately)"
+        },
+    )
+    rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha"})
+    centralized: bool = field(
+        default=False, metadata={"help": "baseline: the unsplit model, one process, same LoRA, no noise"}
+    )
+    token: str | None = field(default=None, metadata={"help": "bearer token", "envvar": "FEDSPLIT_TOKEN"})
+    tls_ca: str | None = field(default=None, metadata={"help": "CA certificate for TLS"})
+    out: str | None = field(
+        default=None,
+        metadata={"help": "where adapters (head/, body/, tail/) and summary.json go (unset: nowhere)"},
+    )
+    checkpoint_every: int = field(
+        default=0,
+        metadata={
+            "help": "every K steps save head/tail LoRA, optimizer and data position "
+            "under OUT/checkpoints and ask the server to checkpoint the body"
+        },
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue the run in OUT from the last step client and server both hold"},
+    )
+    run_id: str | None = field(
+        default=None,
+        metadata={"help": "name of the run on the server (default: random, kept in OUT/run.json)"},
+    )
+
+    @property
+    def lora(self) -> LoraSettings:
+        from ..model.lora import LoraSettings
+
+        return LoraSettings(rank=self.rank, alpha=self.alpha)
+
+    def check(self) -> None:
+        """Raise ValueError, naming the option, for a value no run can use."""
+        positive = {
+            "steps": self.steps,
+            "batch-size": self.batch_size,
+            "max-length": self.max_length,
+            "lr": self.lr,
+            "rank": self.rank,
+        }
+        if self.body_lr is not None:
+            positive["body-lr"] = self.body_lr
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"--{name} must be positive (got {value})")
+        counts = {
+            "body-warmup": self.body_warmup,
+            "eval-every": self.eval_every,
+            "eval-examples": self.eval_examples,
+            "checkpoint-every": self.checkpoint_every,
+        }
+        for name, value in counts.items():
+            if value < 0:
+                raise ValueError(f"--{name} must be 0 or more (got {value})")
+
+    def defense_spec(self) -> str | None:
+        if self.defense:
+            return self.defense
+        if self.noise > 0:
+            return f"gaussian:{self.noise}" + (":relative" if self.noise_relative else "")
+        return None
+
+
+@dataclass
+class EvalConfig:
+    """Scoring a base or fine-tuned model on a task; every field is a `fedsplit eval` option."""
+
+    task: str = field(default="sentiment", metadata={"help": "task to score"})
+    data: str | None = field(
+        default=None, metadata={"help": "the task's data (as for `fedsplit train --data`)"}
+    )
+    model: str = field(default="smollm2-135m", metadata={"help": MODEL_HELP})
+    server: str | None = field(
+        default=None, metadata={"help": "HOST:PORT; omit to run unsplit in this process"}
+    )
+    adapters: str | None = field(
+        default=None, metadata={"help": "run folder from `fedsplit train` (head/ body/ tail/)"}
+    )
+    head_layers: int = field(default=2, metadata={"help": "p (split only)"})
+    tail_layers: int = field(default=2, metadata={"help": "q (split only)"})
+    max_examples: int = field(default=200, metadata={"help": "test examples"})
+    split: str = field(default="test", metadata={"help": "train | val | test"})
+    seed: int = field(default=0, metadata={"help": "data split seed (use the training seed)"})
+    token: str | None = field(default=None, metadata={"help": "bearer token", "envvar": "FEDSPLIT_TOKEN"})
+
+    def train_config(self) -> TrainConfig:
+        """The client to score: split through ``server``, split in this process when only
+        ``adapters`` are given (a split run's body adapter needs the split layout), else unsplit."""
+        split = self.server is not None or self.adapters is not None
+        return TrainConfig(
+            model=self.model,
+            server=self.server,
+            head_layers=self.head_layers,
+            tail_layers=self.tail_layers,
+            centralized=not split,
+            token=self.token,
+            seed=self.seed,
+        )

@@ -1,0 +1,145 @@
+"""How a server runs: every field is a ``fedsplit serve`` option (and a key of its config file)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# wire.codec.DEFAULT_MAX_MESSAGE_BYTES (tests/cli/test_options.py checks they agree), not imported:
+# the CLI builds its options from this module at start-up and the wire package loads torch and grpc.
+DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
+
+MODEL_HELP = "preset (smollm2-135m, tiny-llama), Hugging Face id, local directory or .gguf file"
+
+
+def parse_layers(text: str) -> tuple[int, int]:
+    """``"A:B"`` -> ``(A, B)``; ValueError says what is accepted."""
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"takes A:B (e.g. 0:30), not {text!r}") from None
+    return start, end
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``"4GiB"``, ``"512MiB"``, ``"1.5GB"`` or plain ``"1048576"`` (humanfriendly's syntax:
+    KiB/MiB/GiB are powers of 1024, KB/MB/GB of 1000)."""
+    import humanfriendly
+
+    try:
+        return int(humanfriendly.parse_size(text))
+    except humanfriendly.InvalidSize:
+        raise ValueError(f"takes a size such as 4GiB, 512MiB or 1048576, not {text!r}") from None
+
+
+def parse_message_size(text: str) -> int:
+    """:func:`parse_size`, within what gRPC takes as a message limit (a signed 32-bit int)."""
+    size = parse_size(text)
+    if not 0 < size < 1 << 31:
+        raise ValueError(f"takes a size from 1 byte to under 2GiB (gRPC's limit), not {text!r}")
+    return size
+
+
+def format_size(size: int) -> str:
+    """The shortest exact text :func:`parse_size` reads back: ``4GiB``, ``256MiB``, ``1000``."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
+# Field metadata of options given as a size: text on the command line and in config files.
+SIZE = {"parse": parse_size, "format": format_size, "metavar": "SIZE"}
+
+
+@dataclass
+class ServerConfig:
+    """How the server runs; every field is a `fedsplit serve` option."""
+
+    model: str = field(default="smollm2-135m", metadata={"help": MODEL_HELP})
+    layers: tuple[int, int] | None = field(
+        default=None,
+        metadata={
+            "help": "decoder layers A:B this server holds (default: all); "
+            "any client whose body span lies inside is served",
+            "parse": parse_layers,
+            "format": lambda span: f"{span[0]}:{span[1]}",
+            "metavar": "A:B",
+        },
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "bind address (loopback by default)"})
+    port: int = field(default=7070, metadata={"help": "port; 0 picks a free one"})
+    memory_budget: int = field(
+        default=4 << 30,
+        metadata={
+            "help": "memory for session state (KV caches); admission refuses "
+            "sessions beyond it with RESOURCE_EXHAUSTED",
+            **SIZE,
+        },
+    )
+    session_ttl: float = field(
+        default=600.0, metadata={"help": "seconds before an abandoned session is freed"}
+    )
+    graph_ttl: float = field(
+        default=300.0, metadata={"help": "seconds a training forward waits for its backward"}
+    )
+    max_graphs: int = field(default=16, metadata={"help": "pending training forwards per session"})
+    max_message_bytes: int = field(
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        metadata={
+            "help": "largest gRPC message either way (clients learn it from Info)",
+            **SIZE,
+            "parse": parse_message_size,
+        },
+    )
+    checkpoint_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "checkpoint training runs (clients' --run-id) here, so they survive a server restart"
+        },
+    )
+    checkpoint_every: int = field(
+        default=100, metadata={"help": "checkpoint each run every K optimizer steps (and on SIGTERM)"}
+    )
+    checkpoint_keep: int = field(default=3, metadata={"help": "checkpoints kept per run"})
+    mode: str = field(
+        default="independent",
+        metadata={
+            "help": "training of many clients: independent (a body adapter per "
+            "session), sequential, client-batch or server-hierarchical (docs/federation.md)"
+        },
+    )
+    sync_every: int = field(
+        default=0,
+        metadata={"help": "server-hierarchical: average the body replicas every R steps (0 = never)"},
+    )
+    fedavg_every: int = field(
+        default=0,
+        metadata={
+            "help": "clients average their head/tail adapters every R steps "
+            "(0 = never; server-hierarchical: at the body syncs)"
+        },
+    )
+    round_timeout: float = field(
+        default=30.0, metadata={"help": "seconds a round waits for missing clients before going on"}
+    )
+    gather_ms: float = field(
+        default=250.0,
+        metadata={
+            "help": "server-hierarchical: how long a body pass waits for the forwards "
+            "of clients about to send one, to run them together (0 = never wait)"
+        },
+    )
+    shutdown_grace: float = field(
+        default=5.0,
+        metadata={"help": "seconds open calls get to finish on SIGTERM / Ctrl-C before they are cut"},
+    )
+
+    def fedavg_period(self) -> int:
+        """Steps between head/tail FedAvg rounds (0 = none); ``InfoReply.fedavg_every`` tells clients.
+
+        ``fedavg_every`` when set; otherwise server-hierarchical averages heads and tails at its
+        body syncs (every ``sync_every`` steps), and the other modes not at all.
+        """
+        if self.fedavg_every:
+            return self.fedavg_every
+        return self.sync_every if self.mode == "server-hierarchical" else 0
