@@ -12,6 +12,7 @@ from fedsplit.attacks import (
     match_clusters,
     victim_gradients,
 )
+from fedsplit.model.loading import load_model
 from fedsplit.model.split import split
 from fedsplit.tasks import IGNORE_INDEX
 
@@ -134,3 +135,16 @@ def test_norm_attack_on_binary_sentiment_with_the_tiny_model():
     assert result.n == 32
     assert result.label_accuracy > 0.65
     assert result.auc > 0.7
+
+
+def test_victim_gradients_of_a_bf16_model_come_back_in_fp32_on_the_cpu():
+    model, _ = load_model("tiny-llama", dtype=torch.bfloat16)
+    parts = split(model, 1, 1)
+    ids = torch.randint(10, 250, (2, 5), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, -1] = ids[:, -1]
+    grads = victim_gradients(
+        parts.head, parts.body, parts.tail, ids, labels, torch.tensor([0, 1]), progress=False
+    )
+    assert (grads.dtype, grads.device.type) == (torch.float32, "cpu")
+    assert torch.all(grads[:, -2].norm(dim=-1) > 0)

@@ -106,3 +106,18 @@ def test_token_batches_trim_pad_columns_and_keep_every_row():
 def test_attack_result_as_dict_drops_unset_scores():
     row = AttackResult("label", "none", 1, 10, 1.5, label_accuracy=0.5, auc=0.6).as_dict()
     assert row["label_accuracy"] == 0.5 and "token_f1" not in row and "samples" not in row
+
+
+def test_an_attack_runs_on_a_bf16_model_and_scores_on_the_cpu():
+    result = evaluate_attack("nearest", spec="tiny-llama", head_layers=0, n=8, progress=False, dtype="bf16")
+    assert result.n == 8 and result.token_f1 > 0.9  # p = 0: the embedding rows survive bf16 rounding
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attack", ["vmi", "learned"])
+def test_inversion_attacks_run_with_victim_and_attacker_on_cuda(attack):
+    kwargs = dict(spec="tiny-llama", head_layers=1, n=8, quick=True, progress=False)
+    on_cpu = evaluate_attack(attack, device="cpu", dtype="fp32", **kwargs)
+    on_gpu = evaluate_attack(attack, device="cuda", dtype="fp32", **kwargs)
+    assert on_gpu.token_f1 > on_cpu.token_f1 - 0.2  # the same attack, on other hardware

@@ -178,3 +178,19 @@ def test_train_refuses_values_no_run_can_use_before_loading_anything():
         result = runner.invoke(app, ["train", "--local", "--model", "no-such-model-xyz", option, value])
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
+
+
+def test_generate_runs_locally_in_bf16():
+    output = invoke(
+        "generate",
+        "--local",
+        "--model",
+        "tiny-llama",
+        "--dtype",
+        "bf16",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "4",
+    )
+    assert "Traceback" not in output and output.strip() != ""

@@ -19,7 +19,7 @@ from fedsplit.bench.config import (
 from fedsplit.bench.simulate import SimulateConfig
 from fedsplit.cli.main import app
 from fedsplit.cli.options import config_options, field_default, flag_of
-from fedsplit.client.config import EvalConfig, TrainConfig
+from fedsplit.client.config import EvalConfig, GenerateConfig, TrainConfig
 from fedsplit.server.config import ServerConfig, format_size, parse_size
 
 JSON = {"json_out"}
@@ -27,6 +27,7 @@ JSON = {"json_out"}
 COMMANDS = {
     "train": (TrainConfig, {"local", "config"}),
     "eval": (EvalConfig, JSON),
+    "generate": (GenerateConfig, {"prompt", "local"}),
     "serve": (ServerConfig, {"tls_cert", "tls_key", "tokens", "threads", "config"}),
     "simulate": (SimulateConfig, {"config"}),
     "attack": (AttackConfig, JSON),
@@ -247,3 +248,59 @@ def test_train_takes_clip_norm_on_the_command_line(tmp_path, monkeypatch, capsys
     code, err = run_cli(capsys, "train", "--local", "--clip-norm", "0.5", "--noise-relative")
     assert code == 0, err
     assert (seen["cfg"].clip_norm, seen["cfg"].noise_relative, seen["cfg"].out) == (0.5, True, "runs/latest")
+
+
+# Every command that loads a segment (all but export and token) places it: --device and --dtype.
+PLACED = set(COMMANDS)
+
+
+def test_every_command_that_loads_a_segment_takes_device_and_dtype():
+    found = commands(app)
+    for path in PLACED:
+        flags = {opt for p in found[path].params for opt in p.opts}
+        assert {"--device", "--dtype"} <= flags, path
+        assert {p.name: p.default for p in found[path].params}["device"] == "auto", path
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "--local", "--prompt", "x"],
+        ["train", "--local"],
+        ["eval"],
+        ["attack"],
+        ["simulate"],
+        ["demo"],
+        ["bench", "generate"],
+        ["bench", "memory"],
+        ["bench", "train-modes"],
+    ],
+)
+def test_cuda_without_a_gpu_is_a_one_line_error_naming_the_option(capsys, monkeypatch, args):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = run_cli(capsys, *args, "--model", "no-such-model-xyz", "--device", "cuda")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: --device 'cuda' asks for CUDA but torch sees no GPU here"), err
+
+
+def test_an_unknown_dtype_is_a_one_line_error_naming_the_option(capsys):
+    code, err = run_cli(capsys, "generate", "--local", "--prompt", "x", "--dtype", "fp8")
+    assert code == 2 and err.strip() == "error: --dtype 'fp8' is not known; use one of auto, fp32, bf16, fp16"
+
+
+def test_generate_passes_device_and_dtype_to_the_model(capsys, monkeypatch):
+    from fedsplit.client.api import SplitModelForCausalLM
+
+    seen = {}
+
+    def from_pretrained(*args, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(SplitModelForCausalLM, "from_pretrained", from_pretrained)
+    code, err = run_cli(capsys, "generate", "--local", "--prompt", "x", "--dtype", "bf16", "--device", "cpu")
+    assert code == 2 and "stop here" in err
+    assert (seen["device"], seen["dtype"]) == ("cpu", "bf16")

@@ -39,7 +39,8 @@ RELAX_FULL_VOCAB_MAX = 4096
 
 def real_mask(pad_lengths: torch.Tensor, length: int) -> torch.Tensor:
     """``[B, T]`` bool, True at real (non-pad) positions of left-padded rows."""
-    return torch.arange(length).view(1, -1) >= pad_lengths.to(torch.long).view(-1, 1)
+    columns = torch.arange(length, device=pad_lengths.device)
+    return columns.view(1, -1) >= pad_lengths.to(torch.long).view(-1, 1)
 
 
 @contextlib.contextmanager
@@ -93,7 +94,7 @@ def nearest_tokens(
     return (
         torch.cat(out).reshape(vectors.shape[:-1])
         if out
-        else torch.zeros(vectors.shape[:-1], dtype=torch.long)
+        else torch.zeros(vectors.shape[:-1], dtype=torch.long, device=vectors.device)
     )
 
 
@@ -194,13 +195,16 @@ def invert_vmi(
         Token ids ``[B, T]``, and the embeddings ``[B, T, H]`` if ``return_embeds``.
     """
     batch, length, _ = hidden.shape
-    pad_lengths = pad_lengths if pad_lengths is not None else torch.zeros(batch, dtype=torch.long)
+    if pad_lengths is None:
+        pad_lengths = torch.zeros(batch, dtype=torch.long, device=hidden.device)
     table = embedding_matrix(head, vocab_size)
     scale = float(table.std())
     generator = torch.Generator().manual_seed(seed)
     if init is None:
         start = table.mean(0).expand(batch, length, -1).clone()
-        start += 0.1 * scale * torch.randn(start.shape, generator=generator, dtype=start.dtype)
+        # drawn from the seeded CPU generator whatever the device: the same start everywhere
+        noise = torch.randn(start.shape, generator=generator, dtype=start.dtype)
+        start += 0.1 * scale * noise.to(start.device)
     else:
         start = init.detach().clone().to(table.dtype)
     mask = real_mask(pad_lengths, length).to(hidden.dtype)
@@ -265,7 +269,8 @@ def invert_relaxation(
         Token ids ``[B, T]``.
     """
     batch, length, _ = hidden.shape
-    pad_lengths = pad_lengths if pad_lengths is not None else torch.zeros(batch, dtype=torch.long)
+    if pad_lengths is None:
+        pad_lengths = torch.zeros(batch, dtype=torch.long, device=hidden.device)
     table = embedding_matrix(head, vocab_size)
     vocab = table.shape[0]
     if candidates is None and vocab > RELAX_FULL_VOCAB_MAX:
@@ -291,7 +296,7 @@ def invert_relaxation(
         cand = None
     mask = real_mask(pad_lengths, length).to(hidden.dtype)
     target = hidden.detach()
-    result = torch.zeros(batch, length, dtype=torch.long)
+    result = torch.zeros(batch, length, dtype=torch.long, device=hidden.device)
     groups = buckets(pad_lengths, batch_size)
     generator = torch.Generator().manual_seed(seed)
     bar = tqdm(total=steps * len(groups), desc="relaxation", disable=not progress, leave=False)
@@ -301,6 +306,7 @@ def invert_relaxation(
             rows_cand = cand[rows, cut:] if cand is not None else None
             width = rows_cand.shape[-1] if rows_cand is not None else vocab
             z = 0.01 * torch.randn(len(rows), length - cut, width, generator=generator, dtype=table.dtype)
+            z = z.to(table.device)
             if init_ids is not None:
                 guess = init_ids[rows, cut:]
                 hit = (rows_cand == guess[..., None]) if rows_cand is not None else F.one_hot(guess, vocab)

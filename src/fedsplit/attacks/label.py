@@ -56,11 +56,13 @@ def victim_gradients(
     Runs the client's training forward (head -> defence -> body -> tail, next-token loss
     on the answer only, mean over each batch of ``batch_size`` as a training step does)
     and captures the gradient of the tail's input, after ``grad_defense`` if given.
-    Model parameters get no gradient; nothing is updated.
+    Model parameters get no gradient; nothing is updated. The inputs may sit anywhere: they
+    go to the head's device; the gradients come back on the CPU in fp32, for the attacker's analysis.
     """
     from ..client.core import lm_loss
 
     grads = []
+    device = next(head.parameters()).device
     modules = [m for m in (head, body, tail, defense) if m is not None]
     flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
     for p, _ in flags:
@@ -68,11 +70,7 @@ def victim_gradients(
     try:
         starts = range(0, input_ids.shape[0], batch_size)
         for s in tqdm(starts, desc="victim gradients", disable=not progress, leave=False):
-            ids, lab, pad = (
-                input_ids[s : s + batch_size],
-                labels[s : s + batch_size],
-                pad_lengths[s : s + batch_size],
-            )
+            ids, lab, pad = (t[s : s + batch_size].to(device) for t in (input_ids, labels, pad_lengths))
             with torch.no_grad():
                 hidden = head(ids, pad)
                 if defense is not None:
@@ -81,7 +79,7 @@ def victim_gradients(
             received = received.detach().requires_grad_(True)
             lm_loss(tail(received, pad), lab).backward()
             grad = received.grad.detach()
-            grads.append(grad_defense(grad) if grad_defense is not None else grad)
+            grads.append((grad_defense(grad) if grad_defense is not None else grad).float().cpu())
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -242,6 +240,8 @@ def evaluate_label_attack(
     batch_size: int = 8,
     max_length: int = 128,
     progress: bool = True,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
 ):
     """Label inference end to end: the client's training gradients for ``n`` test examples -> guesses.
 
@@ -249,12 +249,14 @@ def evaluate_label_attack(
     train split, never the attacked ones) — the few-known-labels setting of the label
     inference literature — and uses them to orient/threshold scores or name clusters.
     With ``binary`` only the first and the last label are kept (negative vs positive for
-    ``sentiment``), so the binary ``norm`` attack applies.
+    ``sentiment``), so the binary ``norm`` attack applies. The victim's model computes on
+    ``device`` in ``dtype``; the attacker's analysis of the gradients runs on the CPU.
     Returns an :class:`~fedsplit.attacks.result.AttackResult` with ``label_accuracy`` and ``auc``.
     """
     import dataclasses
     import time
 
+    from ..model.device import resolve_device, resolve_dtype
     from ..model.loading import load_model
     from ..model.split import split
     from ..privacy import parse_defense, parse_grad_defense
@@ -275,13 +277,17 @@ def evaluate_label_attack(
             for split_ in (train, test)
         )
         num_classes = 2
-    model, tokenizer = load_model(spec)
+    device = resolve_device(device)
+    model, tokenizer = load_model(spec, dtype=resolve_dtype(dtype, device))
+    model.to(device)
     parts = split(model, head_layers, tail_layers)
     victims = test[:n]
     known = [ex for c in range(num_classes) for ex in [e for e in train if e.label == c][:known_labels]]
 
     torch.manual_seed(seed)
     defense = parse_defense(defense_spec, hidden_size=model.config.hidden_size)
+    if defense is not None:
+        defense.to(device)
     grad_defense = parse_grad_defense(grad_defense_spec)
 
     def grads_of(examples):

@@ -85,9 +85,10 @@ class Inverter(nn.Module):
             raise ValueError(f"the inverter handles at most {MAX_POSITIONS} positions, got {length}")
         x = self.in_proj(self.in_norm(hidden.float()))
         if pad_lengths is None:
-            pad_lengths = torch.zeros(batch, dtype=torch.long)
+            pad_lengths = torch.zeros(batch, dtype=torch.long, device=hidden.device)
         # Positions count from the first real token, as the model's own position ids do.
-        positions = (torch.arange(length).view(1, -1) - pad_lengths.view(-1, 1)).clamp(0, MAX_POSITIONS - 1)
+        columns = torch.arange(length, device=hidden.device)
+        positions = (columns.view(1, -1) - pad_lengths.view(-1, 1)).clamp(0, MAX_POSITIONS - 1)
         x = x + self.positions(positions)
         if self.encoder is not None:
             x = self.encoder(x, src_key_padding_mask=~real_mask(pad_lengths, length))
@@ -99,7 +100,9 @@ class Inverter(nn.Module):
         was_training = self.training
         self.eval()
         pad_lengths = (
-            pad_lengths if pad_lengths is not None else torch.zeros(hidden.shape[0], dtype=torch.long)
+            pad_lengths
+            if pad_lengths is not None
+            else torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
         )
         out = [
             self.vocab_ids[self(hidden[s : s + batch_size], pad_lengths[s : s + batch_size]).argmax(-1)]
@@ -154,19 +157,22 @@ def train_inverter(
     cached = _head_outputs(head, aux_token_batches, progress)
     if not cached:
         raise ValueError("train_inverter needs at least one auxiliary batch")
-    ignore = torch.tensor(sorted(set(int(i) for i in ignore_ids)), dtype=torch.long)
+    ignore = torch.tensor(
+        sorted(set(int(i) for i in ignore_ids)), dtype=torch.long, device=cached[0][0].device
+    )
     seen = torch.unique(torch.cat([ids[real_mask(pad, ids.shape[1])] for ids, pad, _ in cached]))
     vocab_ids = seen[~torch.isin(seen, ignore)]
     if len(vocab_ids) == 0:
         raise ValueError("the auxiliary text has no token that is not ignored")
     table = embedding_matrix(head)
-    lookup = torch.full((table.shape[0],), -100, dtype=torch.long)
-    lookup[vocab_ids] = torch.arange(len(vocab_ids))
+    lookup = torch.full((table.shape[0],), -100, dtype=torch.long, device=table.device)
+    lookup[vocab_ids] = torch.arange(len(vocab_ids), device=table.device)
 
     # Dropout and the defence's noise draw from the global generator: seed a forked one.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         inverter = Inverter(table.shape[1], vocab_ids, width=width, layers=layers, embedding=table)
+        inverter.to(table.device)  # the attacker trains where the public head runs
         log.info(
             "training an inverter: %d aux batches, %d output tokens, %d steps",
             len(cached),

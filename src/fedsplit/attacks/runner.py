@@ -187,6 +187,8 @@ def evaluate_attack(
     known_labels: int = 8,
     label_binary: bool = False,
     progress: bool = True,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
 ) -> AttackResult:
     """Run one attack end to end against ``n`` victim examples and score it.
 
@@ -209,6 +211,8 @@ def evaluate_attack(
         label_method: see :func:`~fedsplit.attacks.label.infer_labels`.
         known_labels: per class, examples with known labels the label attacker uses.
         label_binary: keep only the first and last label (e.g. negative vs positive) for ``label``.
+        device, dtype: where the public model (the victim's head and the attacker's copy) computes,
+            in which dtype ("auto": CUDA + bf16 where torch sees a GPU, else CPU + fp32).
     """
     if attack not in ATTACKS + EXTRA_ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS + EXTRA_ATTACKS)}")
@@ -236,10 +240,13 @@ def evaluate_attack(
             known_labels=known_labels,
             binary=label_binary,
             progress=progress,
+            device=device,
+            dtype=dtype,
         )
 
     tokenizer = load_tokenizer(spec)
-    head = load_part(spec, "head", head_layers=head_layers, tail_layers=0)
+    head = load_part(spec, "head", head_layers=head_layers, tail_layers=0, dtype=dtype, device=device)
+    device = head.embed_tokens.weight.device
     hidden_size = head.embed_tokens.weight.shape[1]
     data = load_task(task, max_examples=max(4 * n, aux_examples or DEFAULT_AUX_EXAMPLES), seed=seed)
     victims = data.test[:n]
@@ -249,9 +256,11 @@ def evaluate_attack(
 
     torch.manual_seed(seed)
     defense = parse_defense(defense_spec, hidden_size=hidden_size)
+    if defense is not None:
+        defense.to(device)  # a trainable defence (MID) computes beside the head
     with torch.no_grad():
-        hidden = head(ids, pad)
-        sent = defense(hidden, pad) if defense is not None else hidden
+        hidden = head(ids.to(device), pad.to(device))
+        sent = defense(hidden, pad.to(device)) if defense is not None else hidden
     log.info(
         "%s vs %s: %d victims, p=%d, %s", attack, _defense_name(defense), len(victims), head_layers, spec
     )
@@ -262,12 +271,14 @@ def evaluate_attack(
         aux_ids, aux_pad, _ = encode_texts(tokenizer, _texts(data.train[:n_aux]), max_tokens, chat)
         torch.manual_seed(seed + 1)  # the attacker's copy of the mechanism, not the client's instance
         attacker_defense = parse_defense(defense_spec, hidden_size=hidden_size)
+        if attacker_defense is not None:
+            attacker_defense.to(device)
         train_steps = QUICK["learned"] if quick else DEFAULT_INVERTER_STEPS
         if attack == "learned" and steps is not None:
             train_steps = steps
         inverter = train_inverter(
             head,
-            token_batches(aux_ids, aux_pad),
+            token_batches(aux_ids.to(device), aux_pad.to(device)),
             attacker_defense,
             steps=train_steps,
             seed=seed,
@@ -281,14 +292,14 @@ def evaluate_attack(
         attack,
         head,
         sent,
-        pad,
+        pad.to(device),
         steps=attack_steps,
         seed=seed,
         inverter=inverter,
         vocab_size=len(tokenizer),
         progress=progress,
     )
-    return _score(attack, defense, head_layers, recovered, ids, score, tokenizer, start, spec, task)
+    return _score(attack, defense, head_layers, recovered.cpu(), ids, score, tokenizer, start, spec, task)
 
 
 def _score(attack, defense, head_layers, recovered, ids, score, tokenizer, start, spec, task) -> AttackResult:

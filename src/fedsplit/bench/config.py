@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-from ..client.config import MODEL_HELP
+from ..client.config import MODEL_HELP, device_field, dtype_field
 from ..server.config import SIZE
 from .simulate import SimulateConfig, parse_floats
 
@@ -28,6 +28,12 @@ class GenerateBenchConfig:
     context: int = field(default=512, metadata={"help": "prompt length for the cache vs no-cache comparison"})
     no_cache_tokens: int = field(
         default=8, metadata={"help": "tokens timed for the cache vs no-cache comparison"}
+    )
+    device: str = device_field(
+        "where client, server and the unsplit model compute, side by side: auto, cpu, cuda, cuda:N"
+    )
+    dtype: str = dtype_field(
+        "compute dtype of client, server and the unsplit model: auto (bf16 on CUDA), fp32, bf16, fp16"
     )
 
 
@@ -52,6 +58,10 @@ class LoadBenchConfig:
     client_threads: int = field(
         default=1, metadata={"help": "compute threads of this process, which runs every client"}
     )
+    device: str = device_field("where the clients and the server compute: auto, cpu, cuda, cuda:N")
+    dtype: str = dtype_field(
+        "compute dtype of clients and server: auto (bf16 on CUDA, fp32 on cpu), fp32, bf16, fp16"
+    )
 
 
 @dataclass
@@ -61,6 +71,8 @@ class MemoryBenchConfig:
     model: str = field(default="smollm2-135m", metadata={"help": MODEL_HELP})
     head_layers: int = field(default=2, metadata={"help": "p"})
     tail_layers: int = field(default=2, metadata={"help": "q"})
+    device: str = device_field("where each party's weights are loaded: auto, cpu, cuda, cuda:N")
+    dtype: str = dtype_field("dtype of the weights: auto (bf16 on CUDA, fp32 on cpu), fp32, bf16, fp16")
 
 
 @dataclass
@@ -92,6 +104,8 @@ class QualityBenchConfig:
         default="results/quality",
         metadata={"help": "folder for quality.json / quality.md / adapters"},
     )
+    device: str = device_field("where every run computes (client and server): auto, cpu, cuda, cuda:N")
+    dtype: str = dtype_field("compute dtype of every run: auto (bf16 on CUDA, fp32 on cpu), fp32, bf16, fp16")
 
 
 @dataclass
@@ -119,6 +133,10 @@ class AttackConfig:
             "help": "label attack: defence on the gradient the client sends, e.g. gaussian:0.3:relative"
         },
     )
+    device: str = device_field("where the victim client and the attacker compute: auto, cpu, cuda, cuda:N")
+    dtype: str = dtype_field(
+        "dtype of the model's weights: auto (bf16 on CUDA, fp32 on cpu), fp32, bf16, fp16"
+    )
 
 
 @dataclass
@@ -132,6 +150,10 @@ class PrivacyBenchConfig:
     out: str | None = field(
         default="results/privacy",
         metadata={"help": "folder for privacy.json, privacy.md, PNG plots"},
+    )
+    device: str = device_field("where victims and attackers compute: auto, cpu, cuda, cuda:N")
+    dtype: str = dtype_field(
+        "dtype of the model's weights: auto (bf16 on CUDA, fp32 on cpu), fp32, bf16, fp16"
     )
 
 
@@ -148,6 +170,10 @@ class DemoConfig:
     )
     eval_examples: int = field(default=36, metadata={"help": "test examples for accuracy before and after"})
     out: str = field(default="runs/demo", metadata={"help": "where the demo's adapters go"})
+    device: str = device_field("where client and server compute: auto, cpu, cuda, cuda:N")
+    dtype: str = dtype_field(
+        "compute dtype of client and server: auto (bf16 on CUDA, fp32 on cpu), fp32, bf16, fp16"
+    )
 
 
 # Work small enough for a 2-core machine: the default model's figures take minutes, not hours.
@@ -248,6 +274,10 @@ class TrainModesConfig:
         },
     )
     out: str = field(default="results/train-modes", metadata={"help": "report folder"})
+    device: str = device_field("where the clients and the server compute: auto, cpu, cuda, cuda:N")
+    dtype: str = dtype_field(
+        "compute dtype of clients and server: auto (bf16 on CUDA, fp32 on cpu), fp32, bf16, fp16"
+    )
 
     def resolved(self) -> TrainModesConfig:
         """This config with every unset field taken from the model's :data:`BENCH_DEFAULTS`."""
@@ -281,4 +311,6 @@ class TrainModesConfig:
             eval_examples=0,  # evaluated once per mode by the bench, not per run
             server_threads=cfg.server_threads,
             gather_ms=cfg.gather_ms,
+            device=cfg.device,
+            dtype=cfg.dtype,
         )

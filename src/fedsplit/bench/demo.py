@@ -16,7 +16,7 @@ from ..client.train import build_client, run_training
 from ..model.loading import load_tokenizer
 from ..wire.protocol import SessionConfig
 from .config import DemoConfig
-from .procs import server_process
+from .procs import placement_args, server_process
 
 log = logging.getLogger(__name__)
 QUESTION = "What is the capital of France?"
@@ -28,7 +28,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     console = Console()
     started = time.perf_counter()
     console.rule("[bold]fedsplit demo")
-    with server_process(model) as (address, _):
+    with server_process(model, *placement_args(cfg.device, cfg.dtype)) as (address, _):
         console.print(
             f"server: `fedsplit serve --model {model}` on {address} (holds the body; never sees text)"
         )
@@ -46,6 +46,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             noise_relative=True,
             eval_examples=cfg.eval_examples,
             out=str(out),
+            device=cfg.device,
+            dtype=cfg.dtype,
         )
         client = build_client(train)
         console.print(

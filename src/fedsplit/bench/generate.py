@@ -1,22 +1,31 @@
-"""`fedsplit bench generate`: split generation over loopback gRPC vs the unsplit model, in one run."""
+"""`fedsplit bench generate`: split generation over loopback gRPC vs the unsplit model, in one run.
+
+Both sides compute on the same device in the same dtype (``--device``, ``--dtype``): the client's
+head and tail and the unsplit model in this process, the body in a `fedsplit serve` child. An
+unsplit copy that would not fit beside the split one (a 7B shape in bf16 on a small machine) is
+skipped, and the figures say why; split tokens/s and bytes per token are still measured.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 
+import psutil
 import torch
 
 from ..client.core import SplitClient
 from ..client.remote import RemoteTransport
-from ..model.loading import load_model, load_tokenizer, model_fingerprint
-from ..model.split import body_span, load_part, num_layers
+from ..model.device import resolve_device, resolve_dtype
+from ..model.loading import load_config, load_model, load_tokenizer, model_fingerprint
+from ..model.split import body_span, load_client_parts, num_layers
 from .config import GenerateBenchConfig
-from .procs import server_process
+from .procs import placement_args, placement_figures, server_process
 
 log = logging.getLogger(__name__)
 
 PROMPT = "Write a short story about a robot who learns to paint. Describe the colours it discovers."
+HEADROOM = 1.1  # loading needs a little more than the weights; never fill the last byte
 
 
 def _long_prompt(tokenizer, length: int) -> torch.Tensor:
@@ -25,10 +34,48 @@ def _long_prompt(tokenizer, length: int) -> torch.Tensor:
     return torch.tensor([ids])
 
 
+def parameter_bytes(config, dtype: torch.dtype) -> int:
+    """Bytes of the whole model's weights in ``dtype``, counted on a weightless (meta) copy."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in skeleton.parameters()) * torch.finfo(dtype).bits // 8
+
+
+def unsplit_room(need: int, device: torch.device) -> str | None:
+    """None when an unsplit copy of ``need`` bytes fits beside what is loaded now; else why it does not.
+
+    The unsplit model is read into RAM first (and moved to the GPU on CUDA), so both must have room.
+    """
+    gib = 2**30
+    available = psutil.virtual_memory().available
+    if available < need * HEADROOM:
+        return (
+            f"the unsplit model ({need / gib:.1f} GiB) does not fit beside the split one: "
+            f"{available / gib:.1f} GiB of RAM available"
+        )
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if free < need * HEADROOM:
+            return (
+                f"the unsplit model ({need / gib:.1f} GiB) does not fit beside the split one: "
+                f"{free / gib:.1f} GiB free on {device}"
+            )
+    return None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run ahead of the clock: wait for them before reading it
+        torch.cuda.synchronize(device)
+
+
 def run(cfg: GenerateBenchConfig) -> dict:
     """Measure everything side by side; returns one flat dict of figures."""
     model, new_tokens, wire_dtype = cfg.model, cfg.new_tokens, cfg.wire_dtype
     head_layers, tail_layers = cfg.head_layers, cfg.tail_layers
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(model)
     ids = torch.tensor(
         [
@@ -40,15 +87,10 @@ def run(cfg: GenerateBenchConfig) -> dict:
             )["input_ids"]
         ]
     )
-    full, _ = load_model(model)
-    full.generation_config.eos_token_id = None  # always generate exactly new_tokens
-    n = num_layers(full.config)
-    span = body_span(n, head_layers, tail_layers)
-    head, tail = (
-        load_part(model, "head", head_layers, tail_layers),
-        load_part(model, "tail", head_layers, tail_layers),
-    )
-    hidden = int(full.config.hidden_size)
+    config = load_config(model)
+    span = body_span(num_layers(config), head_layers, tail_layers)
+    head, tail = load_client_parts(model, head_layers, tail_layers, dtype=dtype, device=device)
+    hidden = int(config.hidden_size)
     figures: dict = {
         "model": model,
         "new_tokens": new_tokens,
@@ -56,33 +98,53 @@ def run(cfg: GenerateBenchConfig) -> dict:
         "tail_layers": tail_layers,
         "wire_dtype": wire_dtype,
         "hidden_size": hidden,
+        **placement_figures(device, dtype),
     }
-    with server_process(model) as (address, _):
+    with server_process(model, *placement_args(cfg.device, cfg.dtype)) as (address, _):
         transport = RemoteTransport(address, wire_dtype=wire_dtype, fingerprint=model_fingerprint(model))
         client = SplitClient(head, tail, transport, span)
+        need = parameter_bytes(config, dtype)
+        figures["model_gib"] = need / 2**30
+        skipped = unsplit_room(need, device)
+        full = None
+        if skipped is None:
+            full, _ = load_model(model, dtype=dtype)
+            full.to(device)
+            full.generation_config.eos_token_id = None  # always generate exactly new_tokens
+        else:
+            log.warning("bench generate: %s; measuring the split model alone", skipped)
+            figures["centralized_skipped"] = skipped
         with torch.no_grad():
             client.generate(ids, max_new_tokens=4)  # warm up both sides
-            full.generate(ids, max_new_tokens=4, do_sample=False)
+            if full is not None:
+                full.generate(ids.to(device), max_new_tokens=4, do_sample=False)
 
             def centralized():
                 t = time.perf_counter()
-                full.generate(ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
+                full.generate(
+                    ids.to(device), max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens
+                )
+                _synchronize(device)
                 return new_tokens / (time.perf_counter() - t)
 
             def split():
                 transport.traffic.reset()
                 t = time.perf_counter()
-                out = client.generate(ids, max_new_tokens=new_tokens)
+                out = client.generate(ids, max_new_tokens=new_tokens)  # back on the CPU: synchronised
                 return out.shape[1] / (time.perf_counter() - t)
 
             # Interleave repetitions so machine noise hits both alike; report the medians.
             cen, spl = [], []
             for _ in range(3):
-                cen.append(centralized())
+                if full is not None:
+                    cen.append(centralized())
                 spl.append(split())
-            figures["centralized_tokens_per_s"] = sorted(cen)[1]
+            if full is not None:
+                figures["centralized_tokens_per_s"] = sorted(cen)[1]
             figures["split_tokens_per_s"] = sorted(spl)[1]
-            figures["ratio"] = figures["split_tokens_per_s"] / figures["centralized_tokens_per_s"]
+            if full is not None:
+                figures["ratio"] = figures["split_tokens_per_s"] / figures["centralized_tokens_per_s"]
+                del full  # the cache comparison below runs the split model only
 
             # Bytes per decode step (the prefill is excluded): measure a 1-token run and a k-token run.
             def traffic_of(k):

@@ -30,7 +30,7 @@ from ..model.lora import LoraSettings, add_lora
 from ..model.split import body_span, load_client_parts, num_layers
 from ..wire.protocol import SessionConfig
 from .config import LoadBenchConfig
-from .procs import server_process
+from .procs import placement_args, server_process
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +171,12 @@ def run(cfg: LoadBenchConfig) -> dict:
     torch.set_num_threads(cfg.client_threads)  # the clients share the machine with the server
     n = num_layers(load_config(model))
     span = body_span(n, head_layers, tail_layers)
-    head, tail = load_client_parts(model, head_layers, tail_layers)
+    head, tail = load_client_parts(model, head_layers, tail_layers, dtype=cfg.dtype, device=cfg.device)
     for module in (head, tail):
         module.eval().requires_grad_(False)
     fingerprint = model_fingerprint(model)
-    with server_process(model, "--memory-budget", str(cfg.memory_budget)) as (address, proc):
+    serve_args = ("--memory-budget", str(cfg.memory_budget), *placement_args(cfg.device, cfg.dtype))
+    with server_process(model, *serve_args) as (address, proc):
         sampler = _RssSampler(proc.pid)
         sampler.start()
         idle_rss = psutil.Process(proc.pid).memory_info().rss

@@ -72,11 +72,11 @@ FULL_GRID = {
 
 
 @functools.lru_cache(maxsize=4)
-def _frozen_parts(spec: str, head_layers: int, tail_layers: int):
+def _frozen_parts(spec: str, head_layers: int, tail_layers: int, device: str = "auto", dtype: str = "auto"):
     """Base-model head, tail and body for utility scoring (no adapters: safe to share across calls)."""
     span = body_span(num_layers(load_config(spec)), head_layers, tail_layers)
-    head, tail = load_client_parts(spec, head_layers, tail_layers)
-    return head, tail, load_part(spec, "body", span=span), span
+    head, tail = load_client_parts(spec, head_layers, tail_layers, dtype=dtype, device=device)
+    return head, tail, load_part(spec, "body", span=span, dtype=dtype, device=device), span
 
 
 @functools.lru_cache(maxsize=4)
@@ -94,18 +94,21 @@ def utility(
     n: int = 48,
     seed: int = 0,
     tail_layers: int = 2,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> dict:
     """Task metrics of the split base model with ``defense_spec`` on what the client sends.
 
     ``nll`` of the answers; on a classification task also ``accuracy`` and ``macro_f1``.
+    The model computes on ``device`` in ``dtype``.
     """
     from ..tasks import answer_log_likelihoods, encode_example, pad_id_of, scores_by_label_words
 
     tokenizer = load_tokenizer(spec)
-    head, tail, body, span = _frozen_parts(spec, head_layers, tail_layers)
+    head, tail, body, span = _frozen_parts(spec, head_layers, tail_layers, device, dtype)
     defense = parse_defense(defense_spec, hidden_size=int(head.config.hidden_size))
     if defense is not None:
-        defense.eval()
+        defense.eval().to(next(head.parameters()).device)
     client = SplitClient(head, tail, LocalTransport(body), span, defense=defense)
     task_obj = _task(task, seed)
     examples = task_obj.test[:n]
@@ -140,15 +143,19 @@ def attack_with_cost(cfg: AttackConfig) -> dict:
         seed=seed,
         quick=cfg.quick,
         grad_defense_spec=grad_defense,
+        device=cfg.device,
+        dtype=cfg.dtype,
     )
     row = result.as_dict()
+    place = {"device": cfg.device, "dtype": cfg.dtype}
     if attack == "label":
-        row.update(
-            {f"utility_{k}": v for k, v in gradient_utility(spec, grad_defense, task, seed=seed).items()}
-        )
-    clean = utility(spec, head_layers, None, task, utility_n, seed)
+        cost = gradient_utility(spec, grad_defense, task, seed=seed, **place)
+        row.update({f"utility_{k}": v for k, v in cost.items()})
+    clean = utility(spec, head_layers, None, task, utility_n, seed, **place)
     defended = (
-        utility(spec, head_layers, defense, task, utility_n, seed) if defense not in (None, "none") else clean
+        utility(spec, head_layers, defense, task, utility_n, seed, **place)
+        if defense not in (None, "none")
+        else clean
     )
     for key in clean:
         row[f"utility_{key}"] = defended[key]
@@ -175,6 +182,8 @@ def gradient_utility(
     seed: int = 0,
     head_layers: int = 2,
     tail_layers: int = 2,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> dict:
     """How much of the training signal survives a gradient defence: cosine of clean vs sent gradients.
 
@@ -189,7 +198,7 @@ def gradient_utility(
     if defense is None:
         return {"grad_cosine": 1.0}
     tokenizer = load_tokenizer(spec)
-    head, tail, body, _ = _frozen_parts(spec, head_layers, tail_layers)
+    head, tail, body, _ = _frozen_parts(spec, head_layers, tail_layers, device, dtype)
     batch = collate(
         [encode_example(tokenizer, ex, 128) for ex in _task(task, seed).train[:n]], pad_id_of(tokenizer)
     )
@@ -224,6 +233,7 @@ def sweep(cfg: PrivacyBenchConfig, grid: dict | None = None, progress: bool = Tr
     from tqdm.auto import tqdm
 
     quick, spec, task, seed = cfg.quick, cfg.model, cfg.task, cfg.seed
+    place = {"device": cfg.device, "dtype": cfg.dtype}
     out = Path(cfg.out) if cfg.out else None
     grid = grid or (QUICK_GRID if quick else FULL_GRID)
     started = time.perf_counter()
@@ -235,7 +245,7 @@ def sweep(cfg: PrivacyBenchConfig, grid: dict | None = None, progress: bool = Tr
         if attack == "label":
             key = ("grad", defense)
             if key not in utilities:
-                utilities[key] = gradient_utility(spec, defense, task, seed=seed)
+                utilities[key] = gradient_utility(spec, defense, task, seed=seed, **place)
             result = evaluate_attack(
                 "label",
                 spec=spec,
@@ -245,11 +255,12 @@ def sweep(cfg: PrivacyBenchConfig, grid: dict | None = None, progress: bool = Tr
                 seed=seed,
                 grad_defense_spec=defense,
                 progress=False,
+                **place,
             )
         else:
             key = (p, defense)
             if key not in utilities:
-                utilities[key] = utility(spec, p, defense, task, grid["utility_n"], seed)
+                utilities[key] = utility(spec, p, defense, task, grid["utility_n"], seed, **place)
             result = evaluate_attack(
                 attack,
                 spec=spec,
@@ -260,6 +271,7 @@ def sweep(cfg: PrivacyBenchConfig, grid: dict | None = None, progress: bool = Tr
                 defense_spec=defense,
                 quick=grid["quick"],
                 progress=False,
+                **place,
             )
         row = {
             **result.as_dict(),

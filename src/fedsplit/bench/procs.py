@@ -40,6 +40,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def placement_args(device: str = "auto", dtype: str = "auto") -> list[str]:
+    """``fedsplit serve`` options that put the server's body on ``device`` in ``dtype``.
+
+    "auto" is left out: the server resolves it on its own machine as the client does on
+    this one, so the command line stays what it was for the default.
+    """
+    args = []
+    if device != "auto":
+        args += ["--device", device]
+    if dtype != "auto":
+        args += ["--dtype", dtype]
+    return args
+
+
+def placement_figures(device, dtype) -> dict:
+    """``{"device": "cpu" | "cuda:0" ..., "dtype": "fp32" | "bf16" | "fp16"}`` for a bench's figures."""
+    import torch
+
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return {"device": str(device), "dtype": names.get(dtype, str(dtype))}
+
+
 @contextlib.contextmanager
 def server_process(
     model: str,

@@ -10,7 +10,7 @@ from ..client.config import TrainConfig
 from ..client.train import build_client, evaluate_client, run_training
 from ..model.loading import load_tokenizer
 from .config import QualityBenchConfig
-from .procs import server_process
+from .procs import placement_args, server_process
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ def run(cfg: QualityBenchConfig) -> dict:
         wire_dtype=wire_dtype,
         head_layers=head_layers,
         tail_layers=tail_layers,
+        device=cfg.device,
+        dtype=cfg.dtype,
     )
     rows = {}
     untrained = build_client(TrainConfig(**base, centralized=True))
@@ -50,7 +52,7 @@ def run(cfg: QualityBenchConfig) -> dict:
         ("split", dict()),
         ("split+noise", dict(noise=noise, noise_relative=True)),
     ]
-    with server_process(model) as (address, _):
+    with server_process(model, *placement_args(cfg.device, cfg.dtype)) as (address, _):
         for name, extra in runs:
             cfg = TrainConfig(
                 **base,

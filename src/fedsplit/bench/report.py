@@ -85,3 +85,55 @@ def show_train_modes(figures: dict, out: Path | str, json_path: Path | None = No
         )
     console.print(f"report in {out}")
     write_json(figures, json_path)
+
+
+def write_report(report: dict, out: Path, title: str) -> None:
+    """report.json, report.md and loss.png (mean training loss over the clients per step)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    runs = report["runs"]
+    lines = [
+        f"# {title}",
+        "",
+        "| run | mode | rtt ms | wall s | examples/s | MiB on the wire | metric |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for run in runs:
+        metric = ", ".join(f"{k} {v:.3f}" for k, v in (run.get("eval") or {}).items()) or "-"
+        lines.append(
+            f"| {run['name']} | {run['mode']} | {run['rtt_ms']:g} | {run['wall_seconds']:.1f} | "
+            f"{run['examples_per_second']:.1f} | {run['bytes'] / 2**20:.1f} | {metric} |"
+        )
+    lines += [
+        "",
+        "Configuration:",
+        "",
+        "```json",
+        json.dumps(report["config"], indent=2, default=str),
+        "```",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))
+    plot_losses(runs, out / "loss.png")
+
+
+def plot_losses(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        curves = [c["losses"] for c in run["clients"]]
+        steps = min(len(c) for c in curves)
+        mean = np.mean([c[:steps] for c in curves], axis=0)
+        ax.plot(range(1, steps + 1), mean, label=f"{run['name']} (mean of {len(curves)} clients)")
+    ax.set_xlabel("client step")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

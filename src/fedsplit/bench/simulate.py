@@ -11,7 +11,6 @@ parent evaluates that global model on the task's test split.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -19,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..client.config import MODEL_HELP
+from ..client.config import MODEL_HELP, device_field, dtype_field
 from .workers import ClientPool, ClientSpec, Job
 
 log = logging.getLogger(__name__)
@@ -116,6 +115,10 @@ class SimulateConfig:
     out: str = field(
         default="runs/simulate", metadata={"help": "report folder (report.json/.md, loss.png, global/)"}
     )
+    device: str = device_field("where the clients and the server compute: auto, cpu, cuda, cuda:N")
+    dtype: str = dtype_field(
+        "compute dtype of clients and server: auto (bf16 on CUDA, fp32 on cpu), fp32, bf16, fp16"
+    )
 
     def check(self) -> None:
         """Raise ValueError with what to change, for options that cannot work."""
@@ -159,11 +162,15 @@ class SimulateConfig:
                 alpha=self.alpha,
                 seed=self.seed,
                 wire_dtype=self.wire_dtype,
+                device=self.device,
+                dtype=self.dtype,
             )
             for i in range(self.clients)
         ]
 
     def serve_args(self) -> list[str]:
+        from .procs import placement_args
+
         hierarchical = self.mode == "server-hierarchical"
         # server-hierarchical averages heads and tails at its body syncs: 0 leaves the period to
         # the server's rule (ServerConfig.fedavg_period), which clients then learn from Info
@@ -183,6 +190,7 @@ class SimulateConfig:
             "1024GiB",
             "--threads",
             str(self.server_threads or os.cpu_count() or 1),
+            *placement_args(self.device, self.dtype),
         ]
 
 
@@ -309,13 +317,22 @@ def run_job(
 class GlobalModel:
     """The split model in this process with the global adapters loaded: evaluates a run's result."""
 
-    def __init__(self, model: str, head_layers: int, tail_layers: int, rank: int, alpha: float) -> None:
+    def __init__(
+        self,
+        model: str,
+        head_layers: int,
+        tail_layers: int,
+        rank: int,
+        alpha: float,
+        device: str = "auto",
+        dtype: str = "auto",
+    ) -> None:
         from ..model.loading import load_tokenizer
         from ..model.lora import LoraSettings, add_lora
         from ..model.split import load_split
 
         self.model = model
-        self.split = load_split(model, head_layers, tail_layers)
+        self.split = load_split(model, head_layers, tail_layers, dtype=dtype, device=device)
         settings = LoraSettings(rank=rank, alpha=alpha)
         for segment in (self.split.head, self.split.body, self.split.tail):
             add_lora(segment, settings)
@@ -341,65 +358,15 @@ class GlobalModel:
 
         from ..tasks import evaluate
 
-        def logits_fn(ids, pad):
+        device = next(self.split.head.parameters()).device
+
+        def logits_fn(ids, pad):  # the task layer's CPU tensors in, its CPU logits out
             with torch.no_grad():
-                return self.split(ids, pad)
+                return self.split(ids.to(device), pad.to(device)).cpu()
 
         return evaluate(
             task, self.tokenizer, logits_fn, split="test", max_examples=max_examples, progress=False
         )
-
-
-def write_report(report: dict, out: Path, title: str) -> None:
-    """report.json, report.md and loss.png (mean training loss over the clients per step)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    runs = report["runs"]
-    lines = [
-        f"# {title}",
-        "",
-        "| run | mode | rtt ms | wall s | examples/s | MiB on the wire | metric |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for run in runs:
-        metric = ", ".join(f"{k} {v:.3f}" for k, v in (run.get("eval") or {}).items()) or "-"
-        lines.append(
-            f"| {run['name']} | {run['mode']} | {run['rtt_ms']:g} | {run['wall_seconds']:.1f} | "
-            f"{run['examples_per_second']:.1f} | {run['bytes'] / 2**20:.1f} | {metric} |"
-        )
-    lines += [
-        "",
-        "Configuration:",
-        "",
-        "```json",
-        json.dumps(report["config"], indent=2, default=str),
-        "```",
-        "",
-    ]
-    (out / "report.md").write_text("\n".join(lines))
-    plot_losses(runs, out / "loss.png")
-
-
-def plot_losses(runs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run in runs:
-        curves = [c["losses"] for c in run["clients"]]
-        steps = min(len(c) for c in curves)
-        mean = np.mean([c[:steps] for c in curves], axis=0)
-        ax.plot(range(1, steps + 1), mean, label=f"{run['name']} (mean of {len(curves)} clients)")
-    ax.set_xlabel("client step")
-    ax.set_ylabel("training loss")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
@@ -416,10 +383,14 @@ def run_simulation(cfg: SimulateConfig, progress: bool = True) -> dict:
     if cfg.eval_examples > 0:
         from ..tasks import load_task
 
-        model = GlobalModel(cfg.model, cfg.head_layers[0], cfg.tail_layers[0], cfg.rank, cfg.alpha)
+        model = GlobalModel(
+            cfg.model, cfg.head_layers[0], cfg.tail_layers[0], cfg.rank, cfg.alpha, cfg.device, cfg.dtype
+        )
         model.load(out / "global")
         task = load_task(cfg.task, max_examples=cfg.max_examples, seed=cfg.seed)
         run["eval"] = model.evaluate(task, cfg.eval_examples)
+    from .report import write_report
+
     report = {"config": asdict(cfg), "runs": [run]}
     write_report(report, out, f"fedsplit simulate: {cfg.clients} clients, {cfg.mode}")
     return report

@@ -19,7 +19,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .config import TrainModesConfig
-from .simulate import GlobalModel, SimulateConfig, run_job, write_report
+from .report import write_report
+from .simulate import GlobalModel, SimulateConfig, run_job
 from .workers import ClientPool
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,12 @@ class _ComputeShare:
         task = load_task(cfg.task, max_examples=cfg.max_examples, seed=cfg.seed)
         parts = partition(task.train, cfg.clients, cfg.partition, seed=cfg.seed)
         span = body_span(num_layers(load_config(cfg.model)), p, q)
-        head, tail = load_part(cfg.model, "head", p, q), load_part(cfg.model, "tail", p, q)
+        place = {"dtype": cfg.dtype, "device": cfg.device}  # where the clients and the server compute
+        head, tail = load_part(cfg.model, "head", p, q, **place), load_part(cfg.model, "tail", p, q, **place)
         add_lora(head, lora, seed=cfg.seed)
         add_lora(tail, lora, seed=cfg.seed)
-        self.client = SplitClient(head, tail, LocalTransport(load_part(cfg.model, "body", span=span)), span)
+        body = load_part(cfg.model, "body", span=span, **place)
+        self.client = SplitClient(head, tail, LocalTransport(body), span)
         self.client.start_training(
             SessionConfig(
                 span=span,
@@ -305,7 +308,9 @@ def run_train_modes(cfg: TrainModesConfig, progress: bool = True) -> dict:
     accuracy = {}
     if cfg.eval_examples > 0:
         task = load_task(sim.task, max_examples=sim.max_examples, seed=sim.seed)
-        model = GlobalModel(sim.model, sim.head_layers[0], sim.tail_layers[0], sim.rank, sim.alpha)
+        model = GlobalModel(
+            sim.model, sim.head_layers[0], sim.tail_layers[0], sim.rank, sim.alpha, sim.device, sim.dtype
+        )
         for run in runs:
             if run["rtt_ms"] == cfg.rtt_ms[0] and run["repeat"] == 0:
                 model.load(out / "adapters" / run["name"])

@@ -44,6 +44,8 @@ class ClientSpec:
     wire_dtype: str = "fp16"
     threads: int = 1
     token: str | None = None
+    device: str = "auto"  # where head and tail compute, and in which dtype
+    dtype: str = "auto"
 
 
 @dataclass
@@ -79,7 +81,11 @@ class _Client:
         self.part = partition(task.train, spec.n_clients, spec.partition, seed=spec.seed)[spec.index]
         p, q = spec.head_layers, spec.tail_layers
         self.span = body_span(num_layers(load_config(spec.model)), p, q)
-        head, tail = load_part(spec.model, "head", p, q), load_part(spec.model, "tail", p, q)
+        place = {"dtype": spec.dtype, "device": spec.device}
+        head, tail = (
+            load_part(spec.model, "head", p, q, **place),
+            load_part(spec.model, "tail", p, q, **place),
+        )
         add_lora(head, self.lora, seed=spec.seed)  # one seed for everyone: FedAvg from a common start
         add_lora(tail, self.lora, seed=spec.seed)
         self.initial = (lora_state_dict(head), lora_state_dict(tail))

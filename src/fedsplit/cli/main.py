@@ -13,58 +13,50 @@ from typing import Optional
 
 import typer
 
+from ..client.config import GenerateConfig
 from .app import MODEL_HELP, app, token_app
 from .errors import call, fail
+from .options import config_options
 
 __all__ = ["app"]
 
 
 @app.command()
+@config_options(GenerateConfig)
 def generate(
     prompt: list[str] = typer.Option(..., "--prompt", help="prompt text; repeat for a batch"),
-    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
-    server: Optional[str] = typer.Option(None, help="HOST:PORT of a fedsplit server"),
     local: bool = typer.Option(False, "--local", help="run all three segments in this process"),
-    head_layers: int = typer.Option(2, help="p: decoder blocks in the client's head"),
-    tail_layers: int = typer.Option(2, help="q: decoder blocks in the client's tail"),
-    max_new_tokens: int = typer.Option(64, help="tokens to generate"),
-    temperature: float = typer.Option(0.0, help="0 = greedy"),
-    top_p: float = typer.Option(1.0, help="nucleus sampling threshold"),
-    stream: bool = typer.Option(False, "--stream", help="print tokens as they arrive (batch of one)"),
-    token: Optional[str] = typer.Option(None, envvar="FEDSPLIT_TOKEN", help="bearer token"),
-    tls_ca: Optional[Path] = typer.Option(None, help="CA certificate to verify the server's TLS certificate"),
-    wire_dtype: str = typer.Option("fp16", help="fp32 | fp16 | bf16 | int8"),
-    adapters: Optional[Path] = typer.Option(
-        None, help="directory with head/ and tail/ adapters from fedsplit train"
-    ),
-    noise: float = typer.Option(0.0, help="Gaussian noise std on hidden states sent"),
+    *,
+    cfg: GenerateConfig,
 ) -> None:
     """Generate text with the split model (chat template applied)."""
     from ..client.api import SplitModelForCausalLM
 
-    if local == (server is not None):
+    if local == (cfg.server is not None):
         fail("give exactly one of --local or --server HOST:PORT")
     defense = None
-    if noise > 0:
+    if cfg.noise > 0:
         from ..privacy import parse_defense
 
-        defense = parse_defense(f"gaussian:{noise}")
+        defense = parse_defense(f"gaussian:{cfg.noise}")
     lm = call(
         SplitModelForCausalLM.from_pretrained,
-        model,
-        server,
-        head_layers,
-        tail_layers,
-        token,
-        tls_ca,
-        wire_dtype,
+        cfg.model,
+        cfg.server,
+        cfg.head_layers,
+        cfg.tail_layers,
+        cfg.token,
+        cfg.tls_ca,
+        cfg.wire_dtype,
         defense,
-        adapters,
+        cfg.adapters,
+        device=cfg.device,
+        dtype=cfg.dtype,
     )
     ids, pad = lm.encode_chat(prompt)
     mask = _mask(ids, pad)
     on_token = None
-    if stream and len(prompt) == 1:
+    if cfg.stream and len(prompt) == 1:
 
         def on_token(tok):
             sys.stdout.write(lm.tokenizer.decode(tok, skip_special_tokens=True))
@@ -73,10 +65,10 @@ def generate(
     out = lm.generate(
         ids,
         mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        temperature=temperature or 1.0,
-        top_p=top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=cfg.temperature > 0,
+        temperature=cfg.temperature or 1.0,
+        top_p=cfg.top_p,
         on_token=on_token,
     )
     if on_token is not None:

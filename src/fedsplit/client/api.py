@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..model.device import resolve_device, resolve_dtype
 from ..model.loading import DEFAULT_MODEL, load_config, load_tokenizer, model_fingerprint
 from ..model.lora import LoraSettings, add_lora, load_lora_state_dict, read_adapter
 from ..model.segments import KVCache
@@ -18,9 +19,10 @@ from .core import LocalTransport, SplitClient
 def pad_lengths_from_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
     """Per-row left-padding lengths (the only form of the mask that ever crosses the wire)."""
     if attention_mask is None:
-        return torch.zeros(input_ids.shape[0], dtype=torch.long)
+        return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     lengths = attention_mask.long().sum(-1)
-    expected = (torch.arange(input_ids.shape[1])[None] >= (input_ids.shape[1] - lengths)[:, None]).long()
+    columns = torch.arange(input_ids.shape[1], device=attention_mask.device)
+    expected = (columns[None] >= (input_ids.shape[1] - lengths)[:, None]).long()
     if not torch.equal(expected, attention_mask.long()):
         raise ValueError("fedsplit expects left padding (tokenizer.padding_side = 'left')")
     return input_ids.shape[1] - lengths
@@ -41,6 +43,11 @@ class SplitModelForCausalLM:
         self.client, self.tokenizer, self.spec = client, tokenizer, spec
         self.head_layers, self.tail_layers = head_layers, tail_layers
 
+    @property
+    def device(self) -> torch.device:
+        """Where head and tail compute (as a Hugging Face model's ``device``)."""
+        return self.client.device
+
     @classmethod
     def from_pretrained(
         cls,
@@ -55,6 +62,8 @@ class SplitModelForCausalLM:
         adapters: str | Path | None = None,
         lora: LoraSettings | None = None,
         reconnect: bool = True,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
     ) -> SplitModelForCausalLM:
         """Load head and tail of ``spec``; ``server=None`` loads the body here too.
 
@@ -62,10 +71,17 @@ class SplitModelForCausalLM:
         ``lora`` adds fresh trainable adapters (for fine-tuning).
         ``reconnect`` (remote only): a generation whose server restarts reconnects and replays what it
         sent, then continues the same output (:mod:`fedsplit.client.resilience`).
+        ``device`` ("auto", "cpu", "cuda", "cuda:N" or a ``torch.device``) and ``dtype`` ("auto",
+        "fp32", "bf16", "fp16" or a ``torch.dtype``) place head and tail, and the body when it is
+        loaded here; "auto" is CUDA + bf16 where torch sees a GPU, else CPU + fp32. A server chooses
+        its own device and dtype: the hidden states travel in ``wire_dtype`` whatever both compute in.
+        Inputs may sit on any device; ``generate`` returns its tokens on the device of ``input_ids``.
         """
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
         config = load_config(spec)
         span = body_span(num_layers(config), head_layers, tail_layers)
-        head, tail = load_client_parts(spec, head_layers, tail_layers)
+        head, tail = load_client_parts(spec, head_layers, tail_layers, dtype=dtype, device=device)
         if adapters is not None:
             for name, segment in (("head", head), ("tail", tail)):
                 state, settings = read_adapter(Path(adapters) / name)
@@ -74,8 +90,10 @@ class SplitModelForCausalLM:
         elif lora is not None:
             add_lora(head, lora)
             add_lora(tail, lora)
+        if defense is not None:
+            defense.to(device)  # a trainable defence (MID) computes beside the head
         if server is None:
-            transport = LocalTransport(load_part(spec, "body", span=span))
+            transport = LocalTransport(load_part(spec, "body", span=span, dtype=dtype, device=device))
         else:
             from .remote import RemoteTransport
 
@@ -161,7 +179,7 @@ class InferenceSession:
             # The last sampled token was never fed back; it opens the next turn.
             input_ids = torch.cat([self.last_token, input_ids], dim=1)
         tokenizer = self.model.tokenizer
-        pad = torch.zeros(input_ids.shape[0], dtype=torch.long)
+        pad = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         new = self.model.client.generate(
             input_ids,
             pad,

@@ -81,12 +81,16 @@ class ClientCheckpointer:
                 if isinstance(v, torch.Tensor)
             }
         tensors["rng.torch"] = torch.get_rng_state()
+        if client.device.type == "cuda":  # noise drawn on the GPU comes from its own generator
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(client.device)
         body = client.train_session
         if hasattr(body, "pool") and getattr(body, "optimizer", None) is not None:  # body in this process
             adapter = body.pool.state_dict(body.adapter)
             tensors |= {f"body.{k}": v for k, v in adapter.items()}
             body_tensors, state["body"] = optimizer_state(body.optimizer, list(adapter), prefix="body_optim.")
             tensors |= body_tensors
+        # Written from the CPU whatever device the segments are on; load() copies them back there.
+        tensors = {k: v.detach().cpu() for k, v in tensors.items()}
         path = write_checkpoint(self.directory, step, tensors, state)
         prune(self.directory, self.keep)
         return path
@@ -114,6 +118,8 @@ class ClientCheckpointer:
             if extra:
                 client.defense.load_state_dict(extra, strict=False)
         torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and client.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], client.device)
         body = client.train_session
         if state.get("body") and hasattr(body, "pool"):
             adapter = {k[len("body.") :]: v for k, v in tensors.items() if k.startswith("body.")}

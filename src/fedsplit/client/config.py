@@ -9,6 +9,42 @@ if TYPE_CHECKING:  # the config stays cheap to import: the CLI builds its option
     from ..model.lora import LoraSettings
 
 MODEL_HELP = "preset (smollm2-135m, tiny-llama), Hugging Face id, local directory or .gguf file"
+DEVICE_HELP = (
+    "where the client's head and tail run: auto (CUDA when torch sees a GPU, else cpu), cpu, cuda, cuda:N"
+)
+DTYPE_HELP = "compute dtype of the weights: auto (bf16 on CUDA, fp32 on cpu), fp32, bf16, fp16"
+
+
+def check_device(text: str) -> str:
+    """``text`` if it names a device this machine has (see :func:`fedsplit.model.device.resolve_device`)."""
+    from ..model.device import resolve_device  # torch: only when a command runs, not at start-up
+
+    try:
+        resolve_device(text)
+    except ValueError as exc:  # shown after the option's name: "--device 'cuda' asks for CUDA ..."
+        raise ValueError(str(exc).removeprefix("device ")) from None
+    return text
+
+
+def check_dtype(text: str) -> str:
+    """``text`` if it names a compute dtype (see :func:`fedsplit.model.device.resolve_dtype`)."""
+    from ..model.device import resolve_dtype
+
+    try:
+        resolve_dtype(text)
+    except ValueError as exc:
+        raise ValueError(str(exc).removeprefix("dtype ")) from None
+    return text
+
+
+def device_field(help: str = DEVICE_HELP):
+    """A ``device`` field: "auto" by default, checked when the command starts."""
+    return field(default="auto", metadata={"help": help, "parse": check_device})
+
+
+def dtype_field(help: str = DTYPE_HELP):
+    """A ``dtype`` field: "auto" by default, checked when the command starts."""
+    return field(default="auto", metadata={"help": help, "parse": check_dtype})
 
 
 @dataclass
@@ -90,6 +126,10 @@ class TrainConfig:
         default=None,
         metadata={"help": "name of the run on the server (default: random, kept in OUT/run.json)"},
     )
+    device: str = device_field(
+        "where head and tail run (and the body with --local / --centralized): auto, cpu, cuda, cuda:N"
+    )
+    dtype: str = dtype_field()
 
     @property
     def lora(self) -> LoraSettings:
@@ -150,6 +190,10 @@ class EvalConfig:
     split: str = field(default="test", metadata={"help": "train | val | test"})
     seed: int = field(default=0, metadata={"help": "data split seed (use the training seed)"})
     token: str | None = field(default=None, metadata={"help": "bearer token", "envvar": "FEDSPLIT_TOKEN"})
+    device: str = device_field(
+        "where the model runs (head and tail; the whole model without --server): auto, cpu, cuda, cuda:N"
+    )
+    dtype: str = dtype_field()
 
     def train_config(self) -> TrainConfig:
         """The client to score: split through ``server``, split in this process when only
@@ -163,4 +207,31 @@ class EvalConfig:
             centralized=not split,
             token=self.token,
             seed=self.seed,
+            device=self.device,
+            dtype=self.dtype,
         )
+
+
+@dataclass
+class GenerateConfig:
+    """Text generation with the split model; every field is a `fedsplit generate` option."""
+
+    model: str = field(default="smollm2-135m", metadata={"help": MODEL_HELP})
+    server: str | None = field(default=None, metadata={"help": "HOST:PORT of a fedsplit server"})
+    head_layers: int = field(default=2, metadata={"help": "p: decoder blocks in the client's head"})
+    tail_layers: int = field(default=2, metadata={"help": "q: decoder blocks in the client's tail"})
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
+    stream: bool = field(default=False, metadata={"help": "print tokens as they arrive (batch of one)"})
+    token: str | None = field(default=None, metadata={"help": "bearer token", "envvar": "FEDSPLIT_TOKEN"})
+    tls_ca: str | None = field(
+        default=None, metadata={"help": "CA certificate to verify the server's TLS certificate"}
+    )
+    wire_dtype: str = field(default="fp16", metadata={"help": "fp32 | fp16 | bf16 | int8"})
+    adapters: str | None = field(
+        default=None, metadata={"help": "directory with head/ and tail/ adapters from fedsplit train"}
+    )
+    noise: float = field(default=0.0, metadata={"help": "Gaussian noise std on hidden states sent"})
+    device: str = device_field("where head and tail run (and the body with --local): auto, cpu, cuda, cuda:N")
+    dtype: str = dtype_field()

@@ -90,6 +90,16 @@ class SplitClient:
         self.body_adapter = None  # (LoraSettings, state) pushed into inference sessions, e.g. from --adapters
         self._score_session: BodyHandle | None = None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the head (and the tail) compute: every tensor the client makes goes there."""
+        return next(self.head.parameters()).device
+
+    def on_device(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tensors a caller hands in (token ids, labels, pad lengths: CPU from the task layer)
+        moved to the head's device; the one place data enters the client."""
+        return tuple(t.to(self.device) for t in tensors)
+
     # ------------------------------------------------------------------ training
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -112,7 +122,7 @@ class SplitClient:
         """Forward head → body → tail and backward tail → body → head; gradients accumulate, no step."""
         if self.train_session is None:
             raise RuntimeError("call start_training() first")
-        ids, labels, pad = batch["input_ids"], batch["labels"], batch["pad_lengths"]
+        ids, labels, pad = self.on_device(batch["input_ids"], batch["labels"], batch["pad_lengths"])
         step_id = next(self._steps)
         hidden = self.head(ids, pad)
         sent = self.send(hidden, pad)
@@ -170,8 +180,13 @@ class SplitClient:
         return session
 
     def logits(self, input_ids: torch.Tensor, pad_lengths: torch.Tensor) -> torch.Tensor:
-        """One full forward, no cache, no graph: for scoring and evaluation."""
+        """One full forward, no cache, no graph: for scoring and evaluation.
+
+        The logits come back on ``input_ids``' device (the task layer's CPU), in the tail's dtype.
+        """
         batch, length = input_ids.shape
+        caller = input_ids.device
+        input_ids, pad_lengths = self.on_device(input_ids, pad_lengths)
         if self.train_session is not None:
             session = self.train_session  # its adapter, without keeping a graph
         else:
@@ -184,7 +199,7 @@ class SplitClient:
         with torch.no_grad():
             hidden = self.send(self.head(input_ids, pad_lengths), pad_lengths)
             hidden = session.forward(0, hidden, pad_lengths, 0, keep_graph=False, use_cache=False)
-            return self.tail(hidden, pad_lengths)
+            return self.tail(hidden, pad_lengths).to(caller)
 
     def generate(
         self,
@@ -201,18 +216,22 @@ class SplitClient:
     ) -> torch.Tensor:
         """Prefill once, then one hidden vector per sequence each way per token.
 
-        Returns the new tokens [B, <= max_new_tokens]. Pass ``session``/``caches``/``offset``
+        Returns the new tokens [B, <= max_new_tokens] on ``input_ids``' device; they are sampled
+        on the head's device (``on_token`` sees them there). Pass ``session``/``caches``/``offset``
         to continue a conversation whose prefix is already cached on both sides.
         """
         batch, prompt_len = input_ids.shape
+        caller = input_ids.device
         if pad_lengths is None:
             pad_lengths = torch.zeros(batch, dtype=torch.long)
+        input_ids, pad_lengths = self.on_device(input_ids, pad_lengths)
         own_session = session is None
         if own_session:
             session = self.open_inference(prompt_len + max_new_tokens, batch)
         head_cache, tail_cache = caches or (KVCache(), KVCache())
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-        finished = torch.zeros(batch, dtype=torch.bool)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=self.device)
         out = []
         try:
             with torch.no_grad():
@@ -226,7 +245,7 @@ class SplitClient:
                     if eos:
                         fill = next(iter(eos))
                         token = torch.where(finished, torch.full_like(token, fill), token)
-                        finished |= torch.isin(token, torch.tensor(sorted(eos)))
+                        finished |= torch.isin(token, eos_ids)
                     out.append(token)
                     if on_token is not None:
                         on_token(token)
@@ -236,7 +255,8 @@ class SplitClient:
         finally:
             if own_session:
                 session.close()
-        return torch.stack(out, dim=1) if out else torch.zeros(batch, 0, dtype=torch.long)
+        new = torch.stack(out, dim=1) if out else torch.zeros(batch, 0, dtype=torch.long)
+        return new.to(caller)
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0) -> torch.Tensor:

@@ -197,7 +197,9 @@ class RemoteSession:
                 )
             )
         )
-        return codec.decode_tensor(reply.forward_result.hidden, out_dtype=hidden.dtype)
+        # The body's output goes where the client computes: the device and dtype of what it sent.
+        received = codec.decode_tensor(reply.forward_result.hidden, out_dtype=hidden.dtype)
+        return received.to(hidden.device)
 
     def backward(self, step_id: int, grad: torch.Tensor) -> torch.Tensor:
         reply = self._request(
@@ -207,7 +209,7 @@ class RemoteSession:
                 )
             )
         )
-        return codec.decode_tensor(reply.backward_result.grad, out_dtype=grad.dtype)
+        return codec.decode_tensor(reply.backward_result.grad, out_dtype=grad.dtype).to(grad.device)
 
     def step(self, clip_norm: float = 0.0, checkpoint: bool = False) -> None:
         """Apply the body update; ``checkpoint`` asks the server to save the run too (see ``last_stats``)."""

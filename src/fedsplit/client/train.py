@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..model.device import resolve_device, resolve_dtype
 from ..model.loading import load_config, load_tokenizer, model_fingerprint
 from ..model.lora import add_lora, save_adapter
 from ..model.split import body_span, load_client_parts, load_part, num_layers
@@ -22,14 +23,19 @@ log = logging.getLogger(__name__)
 
 
 def build_client(cfg: TrainConfig, transport=None, lora: bool = True) -> SplitClient:
-    """Head and tail with fresh LoRA (seeded; ``lora=False``: none), a defence, and a transport to the body."""
+    """Head and tail with fresh LoRA (seeded; ``lora=False``: none), a defence, and a transport to the body.
+
+    Head, tail, defence and a body in this process go on ``cfg.device`` in ``cfg.dtype``.
+    """
     from ..privacy import parse_defense
 
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     n = num_layers(load_config(cfg.model))
     p, q = (0, 0) if cfg.centralized else (cfg.head_layers, cfg.tail_layers)
     span = body_span(n, p, q)
     torch.manual_seed(cfg.seed)
-    head, tail = load_client_parts(cfg.model, p, q)
+    head, tail = load_client_parts(cfg.model, p, q, dtype=dtype, device=device)
     if lora:
         add_lora(head, cfg.lora, seed=cfg.seed)
         add_lora(tail, cfg.lora, seed=cfg.seed)
@@ -44,9 +50,11 @@ def build_client(cfg: TrainConfig, transport=None, lora: bool = True) -> SplitCl
                 fingerprint=model_fingerprint(cfg.model),
             )
         else:
-            transport = LocalTransport(load_part(cfg.model, "body", span=span))
+            transport = LocalTransport(load_part(cfg.model, "body", span=span, dtype=dtype, device=device))
     hidden = int(head.config.hidden_size)
     defense = None if cfg.centralized else parse_defense(cfg.defense_spec(), hidden_size=hidden)
+    if defense is not None:
+        defense.to(device)  # a trainable defence (MID) computes beside the head
     return SplitClient(head, tail, transport, span, defense=defense)
 
 
@@ -226,4 +234,5 @@ def _mib(n: int) -> str:
 
 
 def centralized_loss(model, batch) -> torch.Tensor:
-    return lm_loss(model(batch["input_ids"]).logits, batch["labels"])
+    device = next(model.parameters()).device
+    return lm_loss(model(batch["input_ids"].to(device)).logits, batch["labels"].to(device))

@@ -10,6 +10,18 @@ encoder/decoder) are differentiated by autograd as they are.
 A :class:`GradDefense` transforms the gradient w.r.t. the body output before it is
 sent back to the server. It only changes the copy that leaves the client.
 
+Three optional hooks let a defence see more than the hidden states; the client calls
+them on every defence (a :class:`Compose` passes them to its members), and their
+defaults do nothing, so a defence that does not need them ignores them:
+
+- :meth:`Defense.observe_inputs` is called right before the head runs, with the token
+  ids and their input embeddings; defences that learn against the input (NoPeek's
+  distance correlation, the adversarial inverter) keep them for the next forward.
+- :attr:`Defense.token_defense` is a :class:`TokenDefense` that the client applies to
+  the token ids *before* the head (text-level perturbation), or ``None``.
+- :meth:`Defense.residual_correction` is what the client subtracts from the body's
+  output before its tail reads it (``bypass``), or ``None``.
+
 Every defence here acts on each token vector independently (the MID KL term is the
 only quantity that mixes tokens, as a mean). Randomness comes from torch's global
 generator, so ``torch.manual_seed`` makes a defence reproducible.
@@ -54,6 +66,8 @@ class Defense(nn.Module):
     """
 
     kind: ClassVar[str] = "defense"
+    # True only for ``bypass``: a :class:`Compose` holding it records ``sent - clean``.
+    bypass: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -81,8 +95,75 @@ class Defense(nn.Module):
         """A term the client adds to its task loss (e.g. MID's KL), from the last forward; default ``None``."""
         return None
 
+    def observe_inputs(
+        self,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+        pad_lengths: torch.Tensor | None = None,
+        offset: int = 0,
+    ) -> None:
+        """See the head's input of the forward that comes next; default: ignore it.
+
+        The client calls this right before the head, with what the head reads: the token
+        ids ``[B, T]`` (after any :attr:`token_defense`), their input embeddings
+        ``[B, T, E]`` (the embedding lookup, before any model-specific scaling) and the pad
+        lengths. ``offset`` is the number of positions already in the head's cache (a
+        decoding step), so position ``t`` is a pad iff ``offset + t < pad_lengths[b]``.
+        """
+
+    @property
+    def token_defense(self) -> TokenDefense | None:
+        """The :class:`TokenDefense` the client applies to token ids before the head, or ``None``."""
+        return None
+
+    def residual_correction(self) -> torch.Tensor | None:
+        """What the client subtracts from the body's output before its tail (``bypass``); default ``None``.
+
+        From the last forward, shaped like the hidden states it sent, without grad.
+        """
+        return None
+
     def extra_repr(self) -> str:
         return self.name
+
+
+class TokenDefense(Defense):
+    """A defence on the token ids, applied by the client before the head (text-level perturbation).
+
+    It sits in a defence chain like any other (its spec is an item of the chain, and it
+    must come first), is the identity on hidden states, and exposes itself as
+    :attr:`token_defense`; the client calls :meth:`perturb` on the ids it feeds the head.
+    """
+
+    kind: ClassVar[str] = "token"
+
+    def forward(self, hidden: torch.Tensor, pad_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return hidden
+
+    @property
+    def token_defense(self) -> TokenDefense:
+        return self
+
+    def perturb(
+        self, input_ids: torch.Tensor, pad_lengths: torch.Tensor | None = None, offset: int = 0
+    ) -> torch.Tensor:
+        """Return new ids ``[B, T]`` (a new tensor; pad positions and protected ids unchanged)."""
+        raise NotImplementedError
+
+
+def real_token_mask(
+    input_ids: torch.Tensor, pad_lengths: torch.Tensor | None = None, offset: int = 0
+) -> torch.Tensor:
+    """Bool ``[B, T]``: True at real (non-pad) positions of left-padded ``input_ids``.
+
+    ``offset`` is the number of positions before ``input_ids`` (a decoding step after a
+    prefill), so position ``t`` of row ``b`` is a pad iff ``offset + t < pad_lengths[b]``.
+    """
+    batch, length = input_ids.shape[:2]
+    if pad_lengths is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=input_ids.device)
+    positions = torch.arange(length, device=input_ids.device) + int(offset)
+    return positions.unsqueeze(0) >= pad_lengths.to(input_ids.device).view(-1, 1)
 
 
 class Compose(Defense):
@@ -104,16 +185,41 @@ class Compose(Defense):
         flat: list[Defense] = []
         for d in defenses:
             flat.extend(d.defenses if isinstance(d, Compose) else [d])
+        if sum(d.token_defense is not None for d in flat) > 1:
+            raise ValueError("a defence chain can hold only one token-level defence")
         self.defenses = nn.ModuleList(flat)
+        self._correction: torch.Tensor | None = None
 
     @property
     def name(self) -> str:
         return "+".join(d.name for d in self.defenses)
 
     def forward(self, hidden: torch.Tensor, pad_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        clean = hidden
         for d in self.defenses:
             hidden = d(hidden, pad_lengths)
+        # A bypass member cancels, on the client, everything the chain did to the residual stream.
+        bypass = any(d.bypass for d in self.defenses)
+        self._correction = (hidden - clean).detach() if bypass else None
         return hidden
+
+    def observe_inputs(
+        self,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+        pad_lengths: torch.Tensor | None = None,
+        offset: int = 0,
+    ) -> None:
+        for d in self.defenses:
+            d.observe_inputs(input_ids, inputs_embeds, pad_lengths, offset)
+
+    @property
+    def token_defense(self) -> TokenDefense | None:
+        return next((t for d in self.defenses if (t := d.token_defense) is not None), None)
+
+    def residual_correction(self) -> torch.Tensor | None:
+        """``sent - clean`` of the last forward when the chain holds ``bypass``, else ``None``."""
+        return self._correction
 
     def privacy_spent(
         self, steps: int, sample_rate: float = 1.0, delta: float = 1e-5

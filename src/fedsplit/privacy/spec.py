@@ -7,15 +7,22 @@ A spec is what the CLI, config files and benchmark tables use to name a defence;
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from fedsplit.privacy.accounting import ACCOUNTANTS, NEIGHBOURING, Neighbouring, calibrate_noise_multiplier
+from fedsplit.privacy.adversarial import AdversarialDefense
 from fedsplit.privacy.base import Compose, Defense, GradDefense
+from fedsplit.privacy.bypass import BypassDefense
 from fedsplit.privacy.dp import DPDefense
 from fedsplit.privacy.mid import MIDDefense
 from fedsplit.privacy.noise import DXDefense, GaussianDefense, GaussianGradDefense, LaplaceDefense
+from fedsplit.privacy.nopeek import NoPeekDefense
 from fedsplit.privacy.sparsify import SparsifyDefense
+from fedsplit.privacy.text import TextDX
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +40,19 @@ Valid defence specs (join several with '+'; they apply left to right):
   dx:ETA                        metric-DP noise with density ~ exp(-ETA*||z||)
   sparsify:F                    keep the top fraction F (0 < F <= 1) of |coordinates| of each token
   mid:D[,BETA]                  variational bottleneck of size D with KL weight BETA (default 0.001)
+  nopeek:LAMBDA[,positions=N]   identity on the states; adds to the client's loss LAMBDA * the squared
+                                distance correlation (bias-corrected) between the input embeddings and
+                                the sent states, over at most N real positions (default 512)
+  adv:LAMBDA[,rank=R][,buckets=N][,noise=S][,warmup=W][,positions=P]
+                                adversarial training: a residual adapter of rank R (default 64) on the
+                                states and a token inverter over N hashed classes (default 4096) trained
+                                min-max through gradient reversal of weight LAMBDA; S: noise after the
+                                adapter, relative to each token's RMS; W: forwards over which LAMBDA
+                                ramps up; P: positions per batch for the inverter (default 1024)
+  textdx:EPS[,k=K][,seed=S]     replace each input token x by y with P ~ exp(-EPS/2 * ||E_x - E_y||)
+                                over the whole vocabulary, or over its K nearest tokens; must come first
+  bypass                        the client removes from its own residual stream what the chain before
+                                it added (e.g. noise); must come last
 Examples: 'gaussian:0.05', 'gaussian:0.1:relative', 'dp:clip=1.0,sigma=0.5', 'sparsify:0.2+gaussian:0.05'"""
 
 GRAD_SPEC_HELP = """\
@@ -44,6 +64,14 @@ Examples: 'gaussian:0.01', 'gaussian:0.1:relative'"""
 
 _DP_KEYS = ("clip", "sigma", "epsilon", "delta", "steps", "sample_rate", "neighbouring", "accountant")
 _MID_DEFAULT_BETA = 1e-3
+_ADV_KEYS = {
+    "rank": "integer",
+    "buckets": "integer",
+    "noise": "number",
+    "warmup": "integer",
+    "positions": "integer",
+}
+_NEEDS_PARAMETERS = ("gaussian", "laplace", "dp", "dx", "sparsify", "mid", "nopeek", "adv", "textdx")
 
 
 class _SpecError(ValueError):
@@ -66,6 +94,24 @@ def _integer(text: str, what: str) -> int:
         return int(text)
     except ValueError:
         raise _SpecError(f"{what} must be an integer, got {text!r}") from None
+
+
+def _first_and_keys(kind: str, body: str, keys: dict[str, str], first: str) -> dict[str, Any]:
+    """``NUMBER[,key=value]*`` -> keyword arguments; ``keys`` maps each key to "number" or "integer"."""
+    parts = [p.strip() for p in body.split(",")]
+    if not parts[0] or "=" in parts[0]:
+        raise _SpecError(f"{kind} starts with its {first}, e.g. {kind}:0.1")
+    out: dict[str, Any] = {first: _number(parts[0], f"{kind} {first}")}
+    for part in parts[1:]:
+        key, sep, value = (x.strip() for x in part.partition("="))
+        key = key.lower()
+        if not sep or key not in keys:
+            raise _SpecError(f"{kind} takes key=value options after its {first} (keys: {', '.join(keys)})")
+        if key in out:
+            raise _SpecError(f"{kind} key {key!r} given twice")
+        parse = _integer if keys[key] == "integer" else _number
+        out[key] = parse(value, f"{kind} {key}")
+    return out
 
 
 def _noise_args(kind: str, args: list[str]) -> dict[str, Any]:
@@ -125,7 +171,7 @@ def _parse_item(item: str) -> tuple[str, dict[str, Any]]:
     kind = kind.strip().lower()
     if not kind:
         raise _SpecError("empty defence (check for a stray '+')")
-    if not sep and kind in ("gaussian", "laplace", "dp", "dx", "sparsify", "mid"):
+    if not sep and kind in _NEEDS_PARAMETERS:
         raise _SpecError(f"{kind} needs parameters, e.g. {kind}:...")
     if kind in ("gaussian", "laplace"):
         return kind, _noise_args(kind, [a.strip() for a in body.split(":")])
@@ -141,6 +187,16 @@ def _parse_item(item: str) -> tuple[str, dict[str, Any]]:
             raise _SpecError("mid takes a bottleneck size and an optional beta: mid:D[,BETA]")
         beta = _number(parts[1], "mid beta") if len(parts) == 2 else _MID_DEFAULT_BETA
         return kind, {"bottleneck_dim": _integer(parts[0], "mid bottleneck size"), "beta": beta}
+    if kind == "nopeek":
+        return kind, _first_and_keys(kind, body, {"positions": "integer"}, "weight")
+    if kind == "adv":
+        return kind, _first_and_keys(kind, body, _ADV_KEYS, "weight")
+    if kind == "textdx":
+        return kind, _first_and_keys(kind, body, {"k": "integer", "seed": "integer"}, "epsilon")
+    if kind == "bypass":
+        if sep:
+            raise _SpecError("bypass takes no parameters")
+        return kind, {}
     if kind == "none":
         raise _SpecError("'none' cannot be combined with other defences")
     raise _SpecError(f"unknown defence {kind!r}")
@@ -155,9 +211,20 @@ def parse_defense_items(spec: str | None) -> list[tuple[str, dict[str, Any]]]:
     if _is_none(spec):
         return []
     try:
-        return [_parse_item(item) for item in spec.split("+")]
+        items = [_parse_item(item) for item in spec.split("+")]
+        _check_order([kind for kind, _ in items])
+        return items
     except _SpecError as err:
         raise ValueError(f"invalid defence spec {spec!r}: {err}\n{DEFENSE_SPEC_HELP}") from None
+
+
+def _check_order(kinds: list[str]) -> None:
+    """textdx acts on the ids before the head and bypass on the whole chain: first and last, once each."""
+    for kind, where, index in (("textdx", "first", 0), ("bypass", "last", len(kinds) - 1)):
+        if kinds.count(kind) > 1:
+            raise _SpecError(f"{kind} can appear only once")
+        if kind in kinds and kinds.index(kind) != index:
+            raise _SpecError(f"{kind} must come {where} in the chain")
 
 
 def _build_dp(
@@ -175,7 +242,13 @@ def _build_dp(
     return DPDefense(clip=clip, sigma=sigma, neighbouring=neighbouring, accountant=accountant)
 
 
-def _build(kind: str, kwargs: dict[str, Any], hidden_size: int | None) -> Defense:
+def _build(
+    kind: str,
+    kwargs: dict[str, Any],
+    hidden_size: int | None,
+    embedding: torch.Tensor | None = None,
+    keep_ids: Iterable[int] = (),
+) -> Defense:
     if kind == "gaussian":
         return GaussianDefense(**kwargs)
     if kind == "laplace":
@@ -190,19 +263,40 @@ def _build(kind: str, kwargs: dict[str, Any], hidden_size: int | None) -> Defens
         if hidden_size is None:
             raise _SpecError("mid needs the model's hidden size (pass hidden_size=...)")
         return MIDDefense(hidden_size=hidden_size, **kwargs)
+    if kind == "nopeek":
+        return NoPeekDefense(**kwargs)
+    if kind == "adv":
+        if hidden_size is None:
+            raise _SpecError("adv needs the model's hidden size (pass hidden_size=...)")
+        return AdversarialDefense(hidden_size=hidden_size, **kwargs)
+    if kind == "textdx":
+        if embedding is None:
+            raise _SpecError("textdx needs the model's input embedding matrix (pass embedding=...)")
+        return TextDX(embedding, keep_ids=keep_ids, **kwargs)
+    if kind == "bypass":
+        return BypassDefense()
     raise _SpecError(f"unknown defence {kind!r}")  # unreachable after _parse_item
 
 
-def parse_defense(spec: str | None, hidden_size: int | None = None) -> Defense | None:
+def parse_defense(
+    spec: str | None,
+    hidden_size: int | None = None,
+    embedding: torch.Tensor | None = None,
+    keep_ids: Iterable[int] = (),
+) -> Defense | None:
     """Build the defence described by ``spec`` (see :data:`DEFENSE_SPEC_HELP` for the grammar).
 
     Args:
         spec: e.g. ``"gaussian:0.05"``, ``"dp:clip=1.0,sigma=0.5"``, ``"sparsify:0.2+gaussian:0.05"``;
             ``None``, ``""`` or ``"none"`` mean no defence.
-        hidden_size: the model's hidden size; required by ``mid``.
+        hidden_size: the model's hidden size; required by ``mid`` and ``adv``.
+        embedding: the model's input embedding matrix ``[V, E]``; required by ``textdx``.
+        keep_ids: token ids ``textdx`` never replaces nor picks (the tokenizer's special ids).
 
     Returns:
-        a :class:`Defense` (a :class:`Compose` for several items), or ``None``.
+        a :class:`Defense` (a :class:`Compose` for several items), or ``None``. A ``textdx``
+        item is reachable as ``defense.token_defense`` (the client applies it to the ids
+        before the head); ``None`` there means no token-level defence.
 
     Raises:
         ValueError: for a malformed spec or an out-of-range value; the message lists the valid forms.
@@ -211,7 +305,7 @@ def parse_defense(spec: str | None, hidden_size: int | None = None) -> Defense |
     if not items:
         return None
     try:
-        defenses = [_build(kind, kwargs, hidden_size) for kind, kwargs in items]
+        defenses = [_build(kind, kwargs, hidden_size, embedding, keep_ids) for kind, kwargs in items]
     except ValueError as err:  # out-of-range values raised by the constructors
         raise ValueError(f"invalid defence spec {spec!r}: {err}\n{DEFENSE_SPEC_HELP}") from None
     defense = defenses[0] if len(defenses) == 1 else Compose(defenses)
@@ -270,9 +364,14 @@ class DefenseConfig:
         if not 0.0 < self.delta < 1.0:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
 
-    def build_defense(self, hidden_size: int | None = None) -> Defense | None:
-        """The :class:`Defense` for the hidden states (``hidden_size`` is needed by ``mid``)."""
-        return parse_defense(self.defense, hidden_size)
+    def build_defense(
+        self,
+        hidden_size: int | None = None,
+        embedding: torch.Tensor | None = None,
+        keep_ids: Iterable[int] = (),
+    ) -> Defense | None:
+        """The :class:`Defense` (see :func:`parse_defense` for ``hidden_size``, ``embedding``, ``keep_ids``)."""
+        return parse_defense(self.defense, hidden_size, embedding, keep_ids)
 
     def build_grad_defense(self) -> GradDefense | None:
         """The :class:`GradDefense` for the gradients."""

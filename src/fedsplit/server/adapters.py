@@ -18,15 +18,21 @@ from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from torch import nn
 
 from ..model.lora import LoraSettings, seed_lora
+from .placement import body_placement
 
 _STALE = object()  # forces the next activate() to set every layer
 
 
 class AdapterPool:
-    """Create, activate, read, write, average and delete named adapters on ``body``."""
+    """Create, activate, read, write, average and delete named adapters on ``body``.
+
+    ``device`` and ``dtype`` are the body's (its frozen weights'); adapters live on that device
+    in fp32 whatever the body's dtype.
+    """
 
     def __init__(self, body: nn.Module) -> None:
         self.body = body
+        self.device, self.dtype = body_placement(body)
         self.settings: dict[str, LoraSettings] = {}
         self.lock = threading.RLock()
         self._active: object = None  # the active adapter name; _STALE after the layers changed

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
 
 MODEL_HELP = "preset (smollm2-135m, tiny-llama), Hugging Face id, local directory or .gguf file"
+#: Admission budget of a server on the CPU when ``--memory-budget`` is not given (on CUDA it
+#: follows the GPU's free memory: fedsplit.server.placement.resolve_memory_budget).
+CPU_MEMORY_BUDGET = 4 << 30
 
 
 def parse_layers(text: str) -> tuple[int, int]:
@@ -47,6 +50,13 @@ def format_size(size: int) -> str:
     return str(size)
 
 
+def parse_budget(text: str) -> int | None:
+    """:func:`parse_size`, or None for ``"auto"`` (the server picks: see ``ServerConfig.memory_budget``)."""
+    if text.strip().lower() == "auto":
+        return None
+    return parse_size(text)
+
+
 # Field metadata of options given as a size: text on the command line and in config files.
 SIZE = {"parse": parse_size, "format": format_size, "metavar": "SIZE"}
 
@@ -66,14 +76,29 @@ class ServerConfig:
             "metavar": "A:B",
         },
     )
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "where the body runs: auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N"
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "compute dtype of the body: auto (bf16 on cuda, fp32 on cpu), fp32, bf16 or fp16; "
+            "independent of the wire dtype each client picks"
+        },
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "bind address (loopback by default)"})
     port: int = field(default=7070, metadata={"help": "port; 0 picks a free one"})
-    memory_budget: int = field(
-        default=4 << 30,
+    memory_budget: int | None = field(
+        default=None,
         metadata={
-            "help": "memory for session state (KV caches); admission refuses "
-            "sessions beyond it with RESOURCE_EXHAUSTED",
+            "help": "memory for session state (KV caches, training graphs, adapters); admission refuses "
+            "sessions beyond it with RESOURCE_EXHAUSTED (default auto: 4GiB on cpu, 90% of the GPU's "
+            "free memory after loading the body on cuda)",
             **SIZE,
+            "parse": parse_budget,
         },
     )
     session_ttl: float = field(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import grpc
+import torch
 
 from ..model.lora import LoraSettings
 from ..model.segments import Body
@@ -17,6 +18,7 @@ from ..wire import codec
 from ..wire import fedsplit_pb2 as pb
 from ..wire.lora import lora_from_proto
 from ..wire.protocol import SessionConfig
+from .placement import body_placement
 from .session import SessionError
 
 MAX_LENGTH = 1 << 20  # a sanity bound on OpenSession.max_length; the memory budget is the real one
@@ -73,20 +75,26 @@ def session_config(req: pb.OpenSession, fingerprint: str, model: str) -> tuple[S
     return config, wire_dtype
 
 
-def memory_needed(body: Body, config: SessionConfig) -> int:
-    """Bytes to reserve for a session: its KV cache (generate), or adapter, AdamW and one graph (train)."""
+def memory_needed(body: Body, config: SessionConfig, dtype: torch.dtype | None = None) -> int:
+    """Bytes to reserve for a session: its KV cache (generate), or adapter, AdamW and one graph (train).
+
+    Caches and autograd activations are counted in the body's compute dtype (``dtype``; default:
+    the body's own), so a bf16 body admits twice the tokens of an fp32 one; the LoRA adapter, its
+    gradient and AdamW moments are fp32 on any body.
+    """
     cfg = body.config
+    element = (dtype or body_placement(body)[1]).itemsize
     layers = config.span[1] - config.span[0]
     if config.mode == "generate":
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        per_token = 2 * layers * cfg.num_key_value_heads * head_dim * 4
+        per_token = 2 * layers * cfg.num_key_value_heads * head_dim * element
         return per_token * config.max_length * config.max_batch
     rank = (config.lora or LoraSettings()).rank
     adapter = layers * 4 * rank * 2 * cfg.hidden_size * 4 * 4  # ~4 targets, A+B, weight+grad+2 moments
-    # autograd keeps ~ (6 hidden + 4 intermediate) floats per token per layer, plus attention scores
+    # autograd keeps ~ (6 hidden + 4 intermediate) values per token per layer, plus attention scores
     per_token = (
         layers
         * (6 * cfg.hidden_size + 4 * cfg.intermediate_size + 2 * cfg.num_attention_heads * config.max_length)
-        * 4
+        * element
     )
     return adapter + per_token * config.max_length * config.max_batch

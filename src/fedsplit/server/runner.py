@@ -9,26 +9,39 @@ import threading
 from dataclasses import dataclass
 
 import grpc
+import torch
 
+from ..model.device import resolve_device, resolve_dtype
 from ..model.loading import load_config, model_fingerprint
 from ..model.split import load_part, num_layers
 from ..wire import codec
 from ..wire import fedsplit_pb2_grpc as pb_grpc
 from .auth import TokenStore
 from .config import ServerConfig
-from .service import SplitServicer
+from .service import SplitServicer, body_worker
 
 log = logging.getLogger(__name__)
 
 
 def build_servicer(config: ServerConfig, tokens_file: str | None = None, body=None) -> SplitServicer:
-    """Load only the held body layers and wrap them in the service."""
+    """Load only the held body layers, on ``config.device`` in ``config.dtype``, and wrap them in the service.
+
+    A ``body`` given here is served where it already is (its device and dtype win over the config's).
+    """
+    worker = body_worker()
     if body is None:
+        device = resolve_device(config.device)  # a bad name fails before anything is loaded
+        dtype = resolve_dtype(config.dtype, device)
         n = num_layers(load_config(config.model))
         layers = config.layers or (0, n)
-        body = load_part(config.model, "body", span=layers)
+        # Loaded on the body worker, the thread that will run it: one thread of parallel torch work
+        # per process (see body_worker). The worker takes this thread's torch thread count.
+        worker.submit(torch.set_num_threads, torch.get_num_threads()).result()
+        body = worker.submit(
+            load_part, config.model, "body", span=layers, device=device, dtype=dtype
+        ).result()
     tokens = TokenStore.load(tokens_file) if tokens_file else None
-    return SplitServicer(body, config, model_fingerprint(config.model), tokens)
+    return SplitServicer(body, config, model_fingerprint(config.model), tokens, executor=worker)
 
 
 async def start_server(
@@ -67,6 +80,17 @@ async def _evict_forever(servicer: SplitServicer, every: float) -> None:
 async def serve_forever(servicer, config, tls_cert=None, tls_key=None, ready=None) -> None:
     server, port = await start_server(servicer, config, tls_cert, tls_key)
     log.info("serving layers %s of %s on %s:%d", list(servicer.body.span), config.model, config.host, port)
+    if config.memory_budget is not None:
+        source = "--memory-budget"
+    else:
+        source = "90% of the GPU's free memory" if servicer.device.type == "cuda" else "the CPU default"
+    log.info(
+        "body on %s in %s; sessions may reserve %.1f MiB (%s)",
+        servicer.device,
+        str(servicer.dtype).removeprefix("torch."),
+        servicer.memory_budget / 2**20,
+        source,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -31,9 +31,21 @@ from .checkpoint import RunCheckpoints, check_run_id, run_adapter_name
 from .config import ServerConfig
 from .coordination.factory import make_coordinator
 from .opening import memory_needed, session_config, status_code
+from .placement import resolve_memory_budget
 from .session import BodySession, SessionError
 
 log = logging.getLogger(__name__)
+
+
+def body_worker() -> ThreadPoolExecutor:
+    """The one thread that runs the body's compute (and should load it: see ``runner.build_servicer``).
+
+    Measured on a 2-core CPU: once a second thread of a process has run parallel torch work (an
+    OpenMP team of its own), decode steps on either thread take about twice as long. So every
+    torch op of any size runs on this thread; the asyncio thread only moves bytes.
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="body")
+
 
 T = TypeVar("T")
 
@@ -54,16 +66,26 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
 
     It is the coordinators' :class:`~fedsplit.server.coordination.base.BodyHost`: ``body``,
     ``pool``, ``config``, ``sessions``, and :meth:`run` / :meth:`submit` on the body worker.
+    Tensors from the wire are decoded straight onto the body's ``device`` in its ``dtype``
+    (:meth:`decode`); replies are encoded in each session's wire dtype, whatever the body's.
     """
 
     def __init__(
-        self, body: Body, config: ServerConfig, fingerprint: str, tokens: TokenStore | None = None
+        self,
+        body: Body,
+        config: ServerConfig,
+        fingerprint: str,
+        tokens: TokenStore | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.body, self.config, self.fingerprint, self.tokens = body, config, fingerprint, tokens
         self.pool = AdapterPool(body)
+        self.device, self.dtype = self.pool.device, self.pool.dtype
+        # Resolved now that the body is loaded: on CUDA the default follows the GPU's free memory.
+        self.memory_budget = resolve_memory_budget(config.memory_budget, self.device)
         self.sessions: dict[str, BodySession] = {}  # open sessions by id, attached or parked
         # One worker thread runs all body compute, in order: sessions share the weights and the pool.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="body")
+        self.executor = executor or body_worker()
         self.batcher = DecodeBatcher(self.run)
         self.stats = {"forward": 0, "backward": 0, "errors": 0, "batched_rows": 0}
         self._reserved: dict[str, int] = {}
@@ -102,6 +124,11 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
     def memory_in_use(self) -> int:
         """Bytes reserved by the open sessions (checked against ``memory_budget`` at each open)."""
         return sum(self._reserved.values())
+
+    def decode(self, msg: pb.Tensor, **checks: Any) -> torch.Tensor:
+        """A hidden state or gradient from a client, checked (``codec.decode_tensor``'s ``checks``)
+        and placed on the body's device in its dtype, whatever dtype it travelled in."""
+        return codec.decode_tensor(msg, out_dtype=self.dtype, device=self.device, **checks)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the body worker, after the work handed over before it; its result."""
@@ -187,12 +214,13 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             adopted = await self._open_run(req, owner, config, context)
             if adopted is not None:
                 return adopted
-        need = memory_needed(self.body, config)
-        if self.memory_in_use() + need > self.config.memory_budget:
+        need = memory_needed(self.body, config, self.dtype)
+        if self.memory_in_use() + need > self.memory_budget:
+            what = "KV cache" if config.mode == "generate" else "graph, adapter and optimiser memory"
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"session needs {need / 2**20:.1f} MiB of KV cache; {self.memory_in_use() / 2**20:.1f} MiB "
-                f"of the {self.config.memory_budget / 2**20:.1f} MiB budget is in use — retry later or lower max_length",
+                f"session needs {need / 2**20:.1f} MiB of {what}; {self.memory_in_use() / 2**20:.1f} MiB "
+                f"of the {self.memory_budget / 2**20:.1f} MiB budget is in use — retry later or lower max_length",
             )
         try:
             session = await self.run(
@@ -286,10 +314,8 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                 if stateful
                 else self.config.max_message_bytes // 2
             )
-            hidden = codec.decode_tensor(
-                fwd.hidden, expect_shape=(rows, None, hidden_size), max_elements=limit
-            )
-            pad = torch.tensor(list(fwd.pad_lengths), dtype=torch.long)
+            hidden = self.decode(fwd.hidden, expect_shape=(rows, None, hidden_size), max_elements=limit)
+            pad = torch.tensor(list(fwd.pad_lengths), dtype=torch.long, device=self.device)
             if session.config.mode == "generate" and fwd.use_cache and hidden.shape[1] == 1:
                 out = await self.batcher.submit(session, hidden, pad, fwd.position_offset)
             elif session.config.mode == "train" and fwd.keep_graph:
@@ -312,7 +338,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             )
         if kind == "backward":
             bwd = msg.backward
-            grad = codec.decode_tensor(
+            grad = self.decode(
                 bwd.grad,
                 expect_shape=(None, None, hidden_size),
                 max_elements=session.config.max_batch * session.config.max_length * hidden_size,

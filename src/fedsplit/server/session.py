@@ -47,10 +47,16 @@ class _Graph:
     inputs: torch.Tensor
     outputs: torch.Tensor
     versions: tuple[int, ...] = ()  # the adapter weights' in-place versions at the forward
+    caller: tuple[torch.device, torch.dtype] | None = None  # where the input grad goes back to
     created: float = field(default_factory=time.monotonic)
 
 
 _ids = itertools.count(1)
+
+
+def _to(tensor: torch.Tensor, place: tuple[torch.device, torch.dtype] | None) -> torch.Tensor:
+    """``tensor`` on ``place``'s device in its dtype (itself when it is there already)."""
+    return tensor if place is None else tensor.to(device=place[0], dtype=place[1])
 
 
 class BodySession:
@@ -114,6 +120,15 @@ class BodySession:
     def hidden_size(self) -> int:
         return int(self.body.config.hidden_size)
 
+    def to_body(self, hidden: torch.Tensor, pad_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hidden`` in the body's dtype and both on its device (no copy when they already are).
+
+        The service decodes wire tensors there already; an in-process client may hold its head
+        on another device or in another dtype.
+        """
+        pool = self.pool
+        return hidden.to(device=pool.device, dtype=pool.dtype), pad_lengths.to(device=pool.device)
+
     def check_inputs(self, hidden: torch.Tensor, pad_lengths: torch.Tensor, offset: int | None) -> None:
         """Raise :class:`SessionError` if a forward's inputs do not fit this session.
 
@@ -164,22 +179,25 @@ class BodySession:
 
         Train sessions keep the autograd graph until the matching backward (``keep_graph``);
         generate sessions extend their KV cache (``use_cache``). With the flag off, the
-        forward is a stateless evaluation through the session's adapter.
+        forward is a stateless evaluation through the session's adapter. The body computes on
+        its own device in its own dtype; the output comes back on ``hidden``'s, in its dtype.
         """
         self.last_used = time.monotonic()
+        caller = (hidden.device, hidden.dtype)
         stateful = keep_graph if self.config.mode == "train" else use_cache
         if offset and not (stateful and self.cache is not None):  # positions past a cache that is not there
             raise SessionError(
                 "INVALID_ARGUMENT", f"position offset {offset} without a KV cache; it must be 0"
             )
+        hidden, pad_lengths = self.to_body(hidden, pad_lengths)
         self.check_inputs(hidden, pad_lengths, offset if stateful else None)
         self.pool.activate(self.adapter)
         if not stateful:
             with torch.no_grad():
-                return self.body(hidden, pad_lengths, None, offset, span=self.config.span)
+                return _to(self.body(hidden, pad_lengths, None, offset, span=self.config.span), caller)
         if self.config.mode == "generate":
             with torch.no_grad():
-                return self.body(hidden, pad_lengths, self.cache, offset, span=self.config.span)
+                return _to(self.body(hidden, pad_lengths, self.cache, offset, span=self.config.span), caller)
         self._drop_stale()
         if step_id in self.graphs:
             raise SessionError("ALREADY_EXISTS", f"step {step_id} already has a pending forward")
@@ -189,14 +207,18 @@ class BodySession:
             )
         inputs = hidden.detach().requires_grad_()
         outputs = self.body(inputs, pad_lengths, None, offset, span=self.config.span)
-        self.graphs[step_id] = _Graph(inputs, outputs, self._adapter_versions())
-        return outputs.detach()
+        self.graphs[step_id] = _Graph(inputs, outputs, self._adapter_versions(), caller=caller)
+        return _to(outputs.detach(), caller)
 
     def _adapter_versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in self._adapter_params)
 
     def backward(self, step_id: int, grad: torch.Tensor) -> torch.Tensor:
-        """Backprop the client's gradient w.r.t. the body output; return the gradient w.r.t. the input."""
+        """Backprop the client's gradient w.r.t. the body output; return the gradient w.r.t. the input.
+
+        ``grad`` may come in any dtype and device (it is cast to the output's); the returned
+        gradient is on the device and in the dtype of the hidden state the forward was given.
+        """
         self.last_used = time.monotonic()
         self._drop_stale()
         graph = self.graphs.pop(step_id, None)
@@ -217,8 +239,8 @@ class BodySession:
                 f"the body adapter changed since the forward of step {step_id} (another client's optimiser "
                 "step on the shared adapter); send the forward again",
             )
-        graph.outputs.backward(grad)
-        return graph.inputs.grad
+        graph.outputs.backward(grad.to(device=graph.outputs.device, dtype=graph.outputs.dtype))
+        return _to(graph.inputs.grad, graph.caller)
 
     def step(self, clip_norm: float = 0.0, checkpoint: bool = False) -> None:
         """Apply the accumulated body-LoRA gradients (AdamW) and clear them.

@@ -66,6 +66,8 @@ _LE = {
     pb.INT64: np.dtype("<i8"),
 }
 _SCALE_LE = np.dtype("<f4")
+# Wire dtypes a GPU tensor is cast to before it is copied to the host (fewer bytes to copy).
+_NARROW = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class WireError(ValueError):
@@ -113,10 +115,15 @@ def encode_tensor(t: torch.Tensor, wire_dtype: str = DEFAULT_WIRE_DTYPE) -> pb.T
 
     Floating tensors are cast to ``wire_dtype`` (one of :data:`WIRE_DTYPES`);
     integer and bool tensors are sent exactly as ``INT64`` whatever
-    ``wire_dtype`` says. The tensor is detached and moved to the CPU first.
+    ``wire_dtype`` says. The tensor is detached and moved to the CPU first (from a GPU, a
+    floating tensor is narrowed to an fp16/bf16 wire dtype before it crosses the bus).
     """
     t = t.detach()
     if t.device.type != "cpu":
+        key = str(wire_dtype).strip().lower()
+        narrow = _NARROW.get(_ALIASES.get(key, key))
+        if t.is_floating_point() and narrow is not None and narrow.itemsize < t.element_size():
+            t = t.to(narrow)
         t = t.cpu()
     shape = list(t.shape)
     if t.is_complex():
@@ -190,6 +197,7 @@ def decode_tensor(
     max_elements: int | None = None,
     allow_nonfinite: bool = False,
     out_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
     name: str = "tensor",
 ) -> torch.Tensor:
     """Decode and validate a ``Tensor`` message from a peer.
@@ -202,7 +210,8 @@ def decode_tensor(
     the values are finite unless ``allow_nonfinite``.
 
     Returns a fresh, writable tensor: floating wire dtypes in ``out_dtype``,
-    ``INT64`` as ``torch.int64``. ``name`` is used in error messages
+    ``INT64`` as ``torch.int64``; on ``device`` (default the CPU), moved there only
+    after every check passed. ``name`` is used in error messages
     ("hidden has shape [2, 5, 64], expected [*, *, 576]").
     Raises :class:`WireError` with ``INVALID_ARGUMENT`` or ``RESOURCE_EXHAUSTED``.
     """
@@ -248,7 +257,7 @@ def decode_tensor(
     t = _read(msg, enum, shape, out_dtype)
     if t.is_floating_point() and not allow_nonfinite and not _all_finite(t):
         raise WireError(f"{name} contains NaN or Inf values")
-    return t
+    return t if device is None else t.to(device)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
