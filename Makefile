@@ -26,9 +26,10 @@ demo: setup
 test: setup
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-# Everything but the tests that load the real model (slow) or spawn processes (e2e); meant to stay under 2 minutes.
+# Everything but the tests that load the real model (slow) or spawn processes (e2e), on two
+# pytest-xdist workers (each sets one torch thread): under 2 minutes on 2 cores.
 test-fast: setup
-	$(BIN)/pytest -q -m "not slow and not e2e" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n 2 -m "not slow and not e2e" $(PYTEST_ARGS)
 
 proto: setup
 	bash scripts/gen_proto.sh

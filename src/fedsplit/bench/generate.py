@@ -14,11 +14,11 @@ import time
 import psutil
 import torch
 
-from ..client.core import SplitClient
+from ..client.core import LocalTransport, SplitClient
 from ..client.remote import RemoteTransport
 from ..model.device import resolve_device, resolve_dtype
 from ..model.loading import load_config, load_model, load_tokenizer, model_fingerprint
-from ..model.split import body_span, load_client_parts, num_layers
+from ..model.split import body_span, load_client_parts, load_part, num_layers
 from .config import GenerateBenchConfig
 from .procs import placement_args, placement_figures, server_process
 
@@ -144,7 +144,19 @@ def run(cfg: GenerateBenchConfig) -> dict:
             figures["split_tokens_per_s"] = sorted(spl)[1]
             if full is not None:
                 figures["ratio"] = figures["split_tokens_per_s"] / figures["centralized_tokens_per_s"]
-                del full  # the cache comparison below runs the split model only
+                # The same split computation with the body in this process (no network, no second
+                # process on the same cores): separates the split's own cost from the transport's.
+                body = load_part(model, "body", span=span, dtype=dtype, device=device)
+                local = SplitClient(head, tail, LocalTransport(body), span)
+                local.generate(ids, max_new_tokens=4)
+                rates = []
+                for _ in range(3):
+                    t = time.perf_counter()
+                    out = local.generate(ids, max_new_tokens=new_tokens)
+                    rates.append(out.shape[1] / (time.perf_counter() - t))
+                figures["split_in_process_tokens_per_s"] = sorted(rates)[1]
+                figures["in_process_ratio"] = sorted(rates)[1] / figures["centralized_tokens_per_s"]
+                del full, body, local  # the cache comparison below runs the split model only
 
             # Bytes per decode step (the prefill is excluded): measure a 1-token run and a k-token run.
             def traffic_of(k):

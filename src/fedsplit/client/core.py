@@ -118,16 +118,41 @@ class SplitClient:
     def send(self, hidden: torch.Tensor, pad_lengths: torch.Tensor) -> torch.Tensor:
         return self.defense(hidden, pad_lengths) if self.defense is not None else hidden
 
+    def run_head(
+        self,
+        ids: torch.Tensor,
+        pad_lengths: torch.Tensor,
+        cache: KVCache | None = None,
+        offset: int | None = None,
+    ) -> torch.Tensor:
+        """The head, with the defence's input-side hooks: a text-level defence replaces the ids it
+        reads, and trained defences (NoPeek, adversarial) see the ids and input embeddings."""
+        if self.defense is None:
+            return self.head(ids, pad_lengths, cache, offset)
+        start = offset if offset is not None else (cache.length if cache is not None else 0)
+        token_defense = self.defense.token_defense
+        if token_defense is not None:
+            ids = token_defense.perturb(ids, pad_lengths, start)
+        embeds = self.head.embed_tokens(ids)
+        self.defense.observe_inputs(ids, embeds, pad_lengths, start)
+        return self.head(pad_lengths=pad_lengths, cache=cache, offset=offset, inputs_embeds=embeds)
+
+    def tail_input(self, received: torch.Tensor) -> torch.Tensor:
+        """What the tail reads: the body's output, less what the client itself added to the residual
+        stream before sending (``bypass``), which the body carried through unchanged."""
+        correction = self.defense.residual_correction() if self.defense is not None else None
+        return received if correction is None else received - correction.to(received.dtype)
+
     def loss_and_backward(self, batch: dict) -> tuple[torch.Tensor, int]:
         """Forward head → body → tail and backward tail → body → head; gradients accumulate, no step."""
         if self.train_session is None:
             raise RuntimeError("call start_training() first")
         ids, labels, pad = self.on_device(batch["input_ids"], batch["labels"], batch["pad_lengths"])
         step_id = next(self._steps)
-        hidden = self.head(ids, pad)
+        hidden = self.run_head(ids, pad)
         sent = self.send(hidden, pad)
         received = self.train_session.forward(step_id, sent.detach(), pad, 0).requires_grad_()
-        loss = tail_loss(self.tail, received, pad, labels)
+        loss = tail_loss(self.tail, self.tail_input(received), pad, labels)
         loss.backward()
         grad_out = received.grad
         grad_sent = self.grad_defense(grad_out) if self.grad_defense is not None else grad_out
@@ -137,11 +162,7 @@ class SplitClient:
         roots, grads = [], []
         if sent.requires_grad:
             roots, grads = [sent], [grad_in]
-        extra = (
-            self.defense.extra_loss()
-            if self.defense is not None and hasattr(self.defense, "extra_loss")
-            else None
-        )
+        extra = self.defense.extra_loss() if self.defense is not None else None
         if extra is not None and extra.requires_grad:
             roots.append(extra)
             grads.append(torch.ones_like(extra))
@@ -197,9 +218,9 @@ class SplitClient:
                 self._score_session = self.open_inference(max(length, 256), max(batch, 8))
             session = self._score_session
         with torch.no_grad():
-            hidden = self.send(self.head(input_ids, pad_lengths), pad_lengths)
+            hidden = self.send(self.run_head(input_ids, pad_lengths), pad_lengths)
             hidden = session.forward(0, hidden, pad_lengths, 0, keep_graph=False, use_cache=False)
-            return self.tail(hidden, pad_lengths).to(caller)
+            return self.tail(self.tail_input(hidden), pad_lengths).to(caller)
 
     def generate(
         self,
@@ -237,9 +258,11 @@ class SplitClient:
             with torch.no_grad():
                 step_input = input_ids
                 for t in range(max_new_tokens):
-                    hidden = self.send(self.head(step_input, pad_lengths, head_cache, offset), pad_lengths)
+                    hidden = self.send(
+                        self.run_head(step_input, pad_lengths, head_cache, offset), pad_lengths
+                    )
                     hidden = session.forward(t, hidden, pad_lengths, offset)
-                    logits = self.tail(hidden, pad_lengths, tail_cache, offset)[:, -1]
+                    logits = self.tail(self.tail_input(hidden), pad_lengths, tail_cache, offset)[:, -1]
                     offset += step_input.shape[1]
                     token = sample(logits, temperature, top_p)
                     if eos:

@@ -51,8 +51,20 @@ def build_client(cfg: TrainConfig, transport=None, lora: bool = True) -> SplitCl
             )
         else:
             transport = LocalTransport(load_part(cfg.model, "body", span=span, dtype=dtype, device=device))
-    hidden = int(head.config.hidden_size)
-    defense = None if cfg.centralized else parse_defense(cfg.defense_spec(), hidden_size=hidden)
+    defense = None
+    if not cfg.centralized:
+        special = (
+            getattr(head.config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")
+        )
+        keep = sorted(
+            {i for ids in special if ids is not None for i in ([ids] if isinstance(ids, int) else ids)}
+        )
+        defense = parse_defense(
+            cfg.defense_spec(),
+            hidden_size=int(head.config.hidden_size),
+            embedding=head.embed_tokens.weight.detach(),
+            keep_ids=keep,
+        )
     if defense is not None:
         defense.to(device)  # a trainable defence (MID) computes beside the head
     return SplitClient(head, tail, transport, span, defense=defense)
