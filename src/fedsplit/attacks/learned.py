@@ -112,7 +112,7 @@ class Inverter(nn.Module):
         return torch.cat(out)
 
 
-def _head_outputs(
+def head_outputs(
     head: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], progress: bool
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Clean head outputs of the auxiliary batches: ``(ids, pad, hidden)`` each."""
@@ -154,7 +154,7 @@ def train_inverter(
     Returns:
         The trained inverter, in eval mode.
     """
-    cached = _head_outputs(head, aux_token_batches, progress)
+    cached = head_outputs(head, aux_token_batches, progress)
     if not cached:
         raise ValueError("train_inverter needs at least one auxiliary batch")
     ignore = torch.tensor(
@@ -179,24 +179,37 @@ def train_inverter(
             len(vocab_ids),
             steps,
         )
-        loss = _fit(inverter, cached, lookup, defense, steps=steps, lr=lr, progress=progress)
+        loss = fit_per_position(inverter, cached, lookup, defense, steps=steps, lr=lr, progress=progress)
     log.info("inverter trained: last batch loss %.3f", loss)
     return inverter.eval()
 
 
-def _fit(
-    inverter: Inverter, cached, lookup: torch.Tensor, defense, *, steps: int, lr: float, progress: bool
+def fit_per_position(
+    model: nn.Module,
+    cached,
+    lookup: torch.Tensor,
+    defense,
+    *,
+    steps: int,
+    lr: float,
+    progress: bool,
+    clip_norm: float | None = 1.0,
+    desc: str = "train inverter",
 ) -> float:
-    """AdamW with linear warm-up and cosine decay; one cached batch per step, fresh defence draws."""
-    optimizer = torch.optim.AdamW(inverter.parameters(), lr=lr, weight_decay=0.01)
+    """Train ``model(hidden, pad) -> logits [B, T, K]`` to name each real position's token class.
+
+    AdamW with linear warm-up and cosine decay; one cached (ids, pad, clean hidden) batch per step
+    with fresh defence draws, as the attacker sees them. Used by the inverter and the probe.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
     )
-    inverter.train()
+    model.train()
     order: list[int] = []
     loss = torch.tensor(float("nan"))
-    bar = tqdm(range(steps), desc="train inverter", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
     for step in bar:
         if not order:
             order = torch.randperm(len(cached)).tolist()
@@ -205,11 +218,12 @@ def _fit(
             with torch.no_grad():
                 hidden = defense(hidden, pad)
         targets = lookup[ids].masked_fill(~real_mask(pad, ids.shape[1]), -100)
-        logits = inverter(hidden.detach(), pad)
+        logits = model(hidden.detach(), pad)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(inverter.parameters(), 1.0)
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
         optimizer.step()
         schedule.step()
         if step % 20 == 0:

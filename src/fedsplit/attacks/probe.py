@@ -14,16 +14,14 @@ recovers the text, a defence that only stops slower attacks has not helped.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .inversion import embedding_matrix, real_mask
-from .learned import _head_outputs
+from .learned import fit_per_position, head_outputs
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +150,7 @@ def train_probe(
         raise ValueError(f"probe kind must be one of {', '.join(PROBE_KINDS)}, got {kind!r}")
     table = embedding_matrix(head)
     device = table.device
-    cached = _head_outputs(head, [(i.to(device), p.to(device)) for i, p in batches], progress)
+    cached = head_outputs(head, [(i.to(device), p.to(device)) for i, p in batches], progress)
     if not cached:
         raise ValueError("train_probe needs at least one batch of public text")
     vocab_ids = seen_vocabulary(((ids, pad) for ids, pad, _ in cached), ignore_ids)
@@ -163,7 +161,7 @@ def train_probe(
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
         probe = Probe(table.shape[1], vocab_ids, kind=kind, width=width, embedding=table).to(device)
-        loss = _fit_probe(
+        loss = fit_per_position(
             probe,
             cached,
             lookup,
@@ -171,35 +169,11 @@ def train_probe(
             steps=steps,
             lr=DEFAULT_PROBE_LR[kind] if lr is None else lr,
             progress=progress,
+            clip_norm=None,
+            desc="train probe",
         )
     log.info("%s probe: %d classes, %d steps, last loss %.3f", kind, len(vocab_ids), steps, loss)
     return probe.eval()
-
-
-def _fit_probe(probe: Probe, cached, lookup, defense, *, steps: int, lr: float, progress: bool) -> float:
-    """AdamW, linear warm-up then cosine decay; the real tokens of one cached batch per step."""
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
-    )
-    probe.train()
-    order: list[int] = []
-    loss = torch.tensor(float("nan"))
-    for _ in tqdm(range(steps), desc="train probe", disable=not progress, leave=False):
-        if not order:
-            order = torch.randperm(len(cached)).tolist()
-        ids, pad, hidden = cached[order.pop()]
-        if defense is not None:
-            with torch.no_grad():
-                hidden = defense(hidden, pad)
-        real = real_mask(pad, ids.shape[1])
-        loss = F.cross_entropy(probe(hidden[real].detach()), lookup[ids[real]], ignore_index=-100)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    return loss.item()
 
 
 __all__ = ["DEFAULT_PROBE_STEPS", "PROBE_KINDS", "Probe", "class_lookup", "seen_vocabulary", "train_probe"]
