@@ -89,3 +89,19 @@ def test_probe_training_is_seeded(setup):
 def test_unknown_probe_kind_is_rejected_with_the_choices():
     with pytest.raises(ValueError, match="linear, mlp"):
         Probe(8, torch.arange(3), kind="forest")
+
+
+def test_tied_probe_names_tokens_the_public_text_never_showed_it(setup):
+    """Scored against every embedding row, the tied probe reads tokens outside its training classes."""
+    torch.manual_seed(0)
+    kwargs = dict(steps=80, ignore_ids=setup["special"])
+    linear = train_probe(setup["head"], setup["batches"], kind="linear", **kwargs)
+    tied = train_probe(setup["head"], setup["batches"], kind="tied", **kwargs)
+    real = setup["score"]
+    unseen = real & ~torch.isin(setup["ids"], tied.vocab_ids)
+    assert unseen.sum() > 10, "the victims need tokens the public text lacks"
+    got = tied.decode(setup["hidden"], setup["pad"])
+    assert (got[unseen] == setup["ids"][unseen]).float().mean() > 0.5  # the linear probe: 0 by construction
+    assert not (linear.decode(setup["hidden"], setup["pad"])[unseen] == setup["ids"][unseen]).any()
+    assert f1_of(got, setup["ids"], real) > f1_of(linear.decode(setup["hidden"], setup["pad"]), setup["ids"], real)
+    assert set(got[real].tolist()).isdisjoint(setup["special"])

@@ -17,6 +17,7 @@ from fedsplit.bench.config import (
     TrainModesConfig,
 )
 from fedsplit.bench.simulate import SimulateConfig
+from fedsplit.cli.audit import AuditConfig
 from fedsplit.cli.main import app
 from fedsplit.cli.options import config_options, field_default, flag_of
 from fedsplit.client.config import EvalConfig, GenerateConfig, TrainConfig
@@ -26,6 +27,7 @@ JSON = {"json_out"}
 # command -> (its config dataclass, the options it declares besides the fields)
 COMMANDS = {
     "train": (TrainConfig, {"local", "config"}),
+    "audit": (AuditConfig, {"local", "json_out"}),
     "eval": (EvalConfig, JSON),
     "generate": (GenerateConfig, {"prompt", "local"}),
     "serve": (ServerConfig, {"tls_cert", "tls_key", "tokens", "threads", "config"}),

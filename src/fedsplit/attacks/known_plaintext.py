@@ -144,6 +144,9 @@ def fit_state_map(
 
 def _grow_vocabulary(model: nn.Module, extra: torch.Tensor, table: torch.Tensor) -> None:
     """Add output classes for ``extra`` token ids (a probe's or an inverter's ``out`` layer)."""
+    if getattr(model, "kind", None) == "tied":  # its rows are the embedding table's: nothing to add
+        model.grow(extra)
+        return
     new = extra[~torch.isin(extra, model.vocab_ids.cpu())].to(model.vocab_ids.device)
     if len(new) == 0:
         return

@@ -113,13 +113,23 @@ class Inverter(nn.Module):
 
 
 def head_outputs(
-    head: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], progress: bool
+    head: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    progress: bool,
+    defense: nn.Module | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Clean head outputs of the auxiliary batches: ``(ids, pad, hidden)`` each."""
+    """Head outputs of the auxiliary batches: ``(ids, pad, hidden)`` each, ``ids`` the true tokens.
+
+    A text-level defence in ``defense`` (its ``token_defense``) replaces the ids the head reads,
+    as the client's does (one draw per batch); the hidden-state part of the defence is applied
+    later, afresh at each training step, by :func:`fit_per_position`.
+    """
+    token_defense = getattr(defense, "token_defense", None)
     out = []
     with frozen(head), torch.no_grad():
         for ids, pad in tqdm(list(batches), desc="aux hidden states", disable=not progress, leave=False):
-            out.append((ids, pad, head(ids, pad)))
+            read = token_defense.perturb(ids, pad, 0) if token_defense is not None else ids
+            out.append((ids, pad, head(read, pad)))
     return out
 
 
@@ -154,7 +164,7 @@ def train_inverter(
     Returns:
         The trained inverter, in eval mode.
     """
-    cached = head_outputs(head, aux_token_batches, progress)
+    cached = head_outputs(head, aux_token_batches, progress, defense)
     if not cached:
         raise ValueError("train_inverter needs at least one auxiliary batch")
     ignore = torch.tensor(

@@ -25,9 +25,9 @@ from .learned import fit_per_position, head_outputs
 
 log = logging.getLogger(__name__)
 
-PROBE_KINDS = ("linear", "mlp")
+PROBE_KINDS = ("linear", "mlp", "tied")
 DEFAULT_PROBE_STEPS = 300
-DEFAULT_PROBE_LR = {"linear": 1e-2, "mlp": 3e-3}
+DEFAULT_PROBE_LR = {"linear": 1e-2, "mlp": 3e-3, "tied": 3e-3}
 
 
 class Probe(nn.Module):
@@ -36,7 +36,11 @@ class Probe(nn.Module):
     Args:
         hidden_size: ``H`` of the head whose output is read.
         vocab_ids: the model token id of each output class, ``LongTensor[K]``.
-        kind: ``"linear"`` or ``"mlp"`` (a residual GELU block before the output layer).
+        kind: ``"linear"``, ``"mlp"`` (a residual GELU block before the output layer) or
+            ``"tied"``: a learned square map into the embedding space, scored against the
+            normalised embedding rows of *every* token, so the probe also names tokens the
+            public text never showed it (training still uses the seen classes only; decoding
+            uses :attr:`decode_ids`, the whole vocabulary less the ignored ids).
         width: the MLP's inner width (default ``min(4 H, 1024)``).
         embedding: optional public embedding table ``[V, H]``; the output layer starts
             from its normalised rows for ``vocab_ids`` (the residual stream at small p
@@ -59,6 +63,18 @@ class Probe(nn.Module):
         # SmolLM2's states have a few coordinates ~20x the rest: normalise per token first.
         self.in_norm = nn.LayerNorm(hidden_size)
         self.mlp = None
+        self.out = None
+        if kind == "tied":
+            if embedding is None or embedding.shape[1] != hidden_size:
+                raise ValueError("a tied probe needs the public embedding table [V, H]")
+            self.map = nn.Linear(hidden_size, hidden_size, bias=False)
+            with torch.no_grad():
+                self.map.weight.copy_(torch.eye(hidden_size))
+            self.log_scale = nn.Parameter(torch.tensor(3.0))
+            self.bias = nn.Parameter(torch.zeros(embedding.shape[0]))
+            self.register_buffer("table", F.normalize(embedding.detach().float(), dim=-1), persistent=False)
+            self.register_buffer("decode_ids", self.vocab_ids.clone())
+            return
         if kind == "mlp":
             width = width or min(4 * hidden_size, 1024)
             self.mlp = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, hidden_size))
@@ -71,12 +87,24 @@ class Probe(nn.Module):
                 scale = self.out.weight.norm(dim=-1, keepdim=True).mean()
                 self.out.weight.copy_(rows.to(self.out.weight.device) * scale)
 
-    def forward(self, hidden: torch.Tensor, pad_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``[..., K]`` over :attr:`vocab_ids`; ``pad_lengths`` is accepted and unused."""
+    def forward(
+        self, hidden: torch.Tensor, pad_lengths: torch.Tensor | None = None, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits ``[..., K]`` over :attr:`vocab_ids` (or over ``ids``, tied probes only);
+        ``pad_lengths`` is accepted and unused."""
+        if self.kind == "tied":
+            ids = self.vocab_ids if ids is None else ids
+            x = F.normalize(self.map(self.in_norm(hidden.to(self.table.dtype))), dim=-1)
+            return self.log_scale.exp() * x @ self.table[ids].T + self.bias[ids]
         x = self.in_norm(hidden.to(self.out.weight.dtype))
         if self.mlp is not None:
             x = x + self.mlp(x)
         return self.out(x)
+
+    def grow(self, extra: torch.Tensor) -> None:
+        """Add ``extra`` token ids to the trained classes (a tied probe's rows already exist)."""
+        new = extra[~torch.isin(extra.to(self.vocab_ids.device), self.vocab_ids)].to(self.vocab_ids.device)
+        self.vocab_ids = torch.cat([self.vocab_ids, new])
 
     @torch.no_grad()
     def decode(
@@ -85,9 +113,16 @@ class Probe(nn.Module):
         """Most likely model token id at every position, ``[B, T]``, on ``hidden``'s device."""
         was_training = self.training
         self.eval()
-        device = self.out.weight.device
+        names = self.decode_ids if self.kind == "tied" else self.vocab_ids
+        if self.kind == "tied":  # logits over the whole vocabulary: fewer rows at a time
+            batch_size = max(1, min(batch_size, 8))
+        device = names.device
         out = [
-            self.vocab_ids[self(hidden[s : s + batch_size].to(device)).argmax(-1)].to(hidden.device)
+            names[
+                self(
+                    hidden[s : s + batch_size].to(device), ids=names if self.kind == "tied" else None
+                ).argmax(-1)
+            ].to(hidden.device)
             for s in range(0, hidden.shape[0], batch_size)
         ]
         self.train(was_training)
@@ -124,6 +159,7 @@ def train_probe(
     width: int | None = None,
     seed: int = 0,
     ignore_ids: Iterable[int] = (),
+    vocab_size: int | None = None,
     progress: bool = False,
 ) -> Probe:
     """Train a :class:`Probe` on public text passed through ``head`` and the defence.
@@ -141,6 +177,8 @@ def train_probe(
         width: the MLP's inner width.
         seed: seeds the initialisation, the batch order and the defence's draws.
         ignore_ids: token ids that are never a class (special tokens).
+        vocab_size: the tokenizer's length: a tied probe decodes over ids below it (default: the
+            whole embedding table).
 
     Returns:
         The trained probe (fp32, on the head's device), in eval mode. Its classes are the
@@ -150,7 +188,7 @@ def train_probe(
         raise ValueError(f"probe kind must be one of {', '.join(PROBE_KINDS)}, got {kind!r}")
     table = embedding_matrix(head)
     device = table.device
-    cached = head_outputs(head, [(i.to(device), p.to(device)) for i, p in batches], progress)
+    cached = head_outputs(head, [(i.to(device), p.to(device)) for i, p in batches], progress, defense)
     if not cached:
         raise ValueError("train_probe needs at least one batch of public text")
     vocab_ids = seen_vocabulary(((ids, pad) for ids, pad, _ in cached), ignore_ids)
@@ -161,6 +199,10 @@ def train_probe(
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
         probe = Probe(table.shape[1], vocab_ids, kind=kind, width=width, embedding=table).to(device)
+        if kind == "tied":
+            everything = torch.arange(min(vocab_size or table.shape[0], table.shape[0]), device=device)
+            ignore = torch.tensor(sorted({int(i) for i in ignore_ids}), dtype=torch.long, device=device)
+            probe.decode_ids = everything[~torch.isin(everything, ignore)]
         loss = fit_per_position(
             probe,
             cached,
@@ -172,6 +214,11 @@ def train_probe(
             clip_norm=None,
             desc="train probe",
         )
+    if kind == "tied":  # a token never trained on gets a low prior (it is rarer than the public text's)
+        with torch.no_grad():
+            unseen = torch.ones_like(probe.bias, dtype=torch.bool)
+            unseen[probe.vocab_ids] = False
+            probe.bias[unseen] = torch.quantile(probe.bias[probe.vocab_ids].float(), 0.1)
     log.info("%s probe: %d classes, %d steps, last loss %.3f", kind, len(vocab_ids), steps, loss)
     return probe.eval()
 

@@ -29,6 +29,7 @@ counts.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
@@ -44,8 +45,8 @@ from .probe import DEFAULT_PROBE_LR, DEFAULT_PROBE_STEPS, train_probe
 from .runner import run_inversion
 
 TIERS = ("public", "known-plaintext", "oracle")
-PROBES = {"probe": "linear", "probe-mlp": "mlp"}
-TIER_ATTACKS = ("probe", "probe-mlp", "learned", "bisr", "vmi", "relaxation", "nearest")
+PROBES = {"probe": "linear", "probe-mlp": "mlp", "probe-tied": "tied"}
+TIER_ATTACKS = ("probe", "probe-mlp", "probe-tied", "learned", "bisr", "vmi", "relaxation", "nearest")
 DEFAULT_TIER_ATTACKS = ("probe", "learned", "bisr", "vmi", "relaxation")
 _LEARNED_LR = 2e-3  # train_inverter's default
 
@@ -68,6 +69,10 @@ class AttackerKnowledge:
     client_head: nn.Module | None = field(
         default=None, metadata={"help": "the client's own head weights; oracle tier only"}
     )
+    client_defense: nn.Module | None = field(
+        default=None,
+        metadata={"help": "the client's trained defence (adv / mid weights); oracle tier only"},
+    )
     vocab_size: int | None = field(default=None, metadata={"help": "the tokenizer's length"})
     ignore_ids: tuple[int, ...] = field(default=(), metadata={"help": "special token ids, never a class"})
 
@@ -76,13 +81,13 @@ class AttackerKnowledge:
         if tier not in TIERS:
             raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
         if tier == "public":
-            return replace(self, known_pairs=None, client_head=None)
+            return replace(self, known_pairs=None, client_head=None, client_defense=None)
         if self.known_pairs is None or len(self.known_pairs) < 4:
             got = 0 if self.known_pairs is None else len(self.known_pairs)
             raise ValueError(f"the {tier} tier needs at least 4 known pairs (got {got}); see split_known")
         if tier == "oracle" and self.client_head is None:
             raise ValueError("the oracle tier needs the client's head (AttackerKnowledge.client_head)")
-        return self if tier == "oracle" else replace(self, client_head=None)
+        return self if tier == "oracle" else replace(self, client_head=None, client_defense=None)
 
 
 @dataclass
@@ -130,22 +135,37 @@ class TierResult:
 # ------------------------------------------------------------------ running and scoring the tiers
 
 
-def _attacker_defense(knowledge: AttackerKnowledge, device: torch.device, seed: int):
-    """The attacker's own instance of the defence mechanism (its own seed, its own weights for mid)."""
+def _attacker_defense(knowledge: AttackerKnowledge, device: torch.device, seed: int, oracle: bool = False):
+    """The attacker's own instance of the defence mechanism (its own seed, its own weights for mid / adv);
+    at the oracle tier a copy of the client's trained defence when the attacker holds it."""
+    if oracle and knowledge.client_defense is not None:
+        return copy.deepcopy(knowledge.client_defense).to(device).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)  # as the runner does: never the draws of a client seeded with ``seed``
-        hidden_size = embedding_matrix(knowledge.public_head).shape[1]
-        defense = parse_defense(knowledge.defense_spec, hidden_size=hidden_size)
-    return defense.to(device) if defense is not None else None
+        table = embedding_matrix(knowledge.public_head)
+        defense = parse_defense(
+            knowledge.defense_spec,
+            hidden_size=table.shape[1],
+            embedding=table.detach(),
+            keep_ids=knowledge.ignore_ids,
+        )
+    return defense.to(device).eval() if defense is not None else None
 
 
 def _trained(name: str, head: nn.Module, knowledge, config: TierConfig, progress: bool) -> nn.Module:
     """A probe or an inverter trained on public text through ``head`` and the attacker's defence."""
-    defense = _attacker_defense(knowledge, embedding_matrix(head).device, config.seed)
+    oracle = head is knowledge.client_head
+    defense = _attacker_defense(knowledge, embedding_matrix(head).device, config.seed, oracle)
     common = dict(seed=config.seed, ignore_ids=knowledge.ignore_ids, progress=progress)
     if name in PROBES:
         return train_probe(
-            head, knowledge.public_batches, defense, kind=PROBES[name], steps=config.probe_steps, **common
+            head,
+            knowledge.public_batches,
+            defense,
+            kind=PROBES[name],
+            steps=config.probe_steps,
+            vocab_size=knowledge.vocab_size,
+            **common,
         )
     return train_inverter(head, knowledge.public_batches, defense, steps=config.inverter_steps, **common)
 
@@ -298,13 +318,16 @@ def evaluate_tiers(
     *,
     tiers: Sequence[str] = TIERS,
     attacks: Sequence[str] = DEFAULT_TIER_ATTACKS,
+    attacks_at: dict[str, Sequence[str]] | None = None,
     config: TierConfig | None = None,
     progress: bool = False,
 ) -> list[TierResult]:
     """Run and score ``tiers`` in order; each tier's strongest attack also counts the tiers below it.
 
     The observed rows must be the evaluated victims only (:func:`split_known` gives their
-    indices); the victims' true ids are used only to score.
+    indices); the victims' true ids are used only to score. ``attacks_at`` names other attacks
+    for some tiers (e.g. a cheaper set at the oracle tier, whose figure is never below the
+    known-plaintext tier's anyway).
     """
     cache: dict = {}
     results: list[TierResult] = []
@@ -314,7 +337,7 @@ def evaluate_tiers(
             knowledge,
             observed_hidden,
             observed_pad,
-            attacks=attacks,
+            attacks=(attacks_at or {}).get(tier, attacks),
             config=config,
             cache=cache,
             progress=progress,

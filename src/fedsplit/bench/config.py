@@ -144,12 +144,34 @@ class PrivacyBenchConfig:
     """`fedsplit bench privacy`: every field is an option."""
 
     quick: bool = field(default=False, metadata={"help": "small grid (<= 5 min); default: the full sweep"})
+    after_finetune: bool = field(
+        default=False,
+        metadata={
+            "help": "judge each defence on the model fine-tuned with it on, attacked at three tiers over gRPC "
+            "(rows resume from OUT/rows.jsonl)"
+        },
+    )
+    configs: str | None = field(
+        default=None,
+        metadata={
+            "help": "with --after-finetune: only these configurations, P:SPEC separated by ';' "
+            "(e.g. '2:none;2:adv:1')",
+            "metavar": "P:SPEC;...",
+        },
+    )
+    steps: int = field(
+        default=0,
+        metadata={"help": "with --after-finetune: fine-tuning steps per configuration (0: the grid's)"},
+    )
     model: str = field(default="smollm2-135m", metadata={"help": MODEL_HELP})
     task: str = field(default="sentiment", metadata={"help": "victim texts and utility task"})
     seed: int = field(default=0, metadata={"help": "seed of the victims, the attacks and the noise"})
     out: str | None = field(
         default="results/privacy",
-        metadata={"help": "folder for privacy.json, privacy.md, PNG plots"},
+        metadata={
+            "help": "folder for privacy.json, privacy.md, PNG plots (--after-finetune: privacy_ft.md, "
+            "privacy_ft.json, frontier.png, rows.jsonl, runs/)"
+        },
     )
     device: str = device_field("where victims and attackers compute: auto, cpu, cuda, cuda:N")
     dtype: str = dtype_field(

@@ -1,4 +1,5 @@
-"""`fedsplit demo`: a server on loopback, split fine-tuning with noise, accuracy before/after, generation."""
+"""`fedsplit demo`: a server on loopback, split fine-tuning with noise, accuracy before/after, generation,
+and how much of the client's text a curious server reads back (:func:`fedsplit.attacks.audit.audit_client`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from ..attacks.audit import AuditReport, audit_client, default_public_texts
+from ..attacks.tiers import TierConfig
 from ..client.api import SplitModelForCausalLM
 from ..client.config import TrainConfig
 from ..client.train import build_client, run_training
@@ -20,6 +23,8 @@ from .procs import placement_args, server_process
 
 log = logging.getLogger(__name__)
 QUESTION = "What is the capital of France?"
+AUDIT_PROMPTS, AUDIT_KNOWN = 20, 4  # the attacker knows 4 of the test prompts and attacks the other 16
+AUDIT_BUDGET = TierConfig(probe_steps=100, finetune_steps=20)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -81,12 +86,18 @@ def run_demo(cfg: DemoConfig) -> dict:
         decode_bytes = traffic.sent + traffic.received - prefill_bytes
         session.close()
         answer = tokenizer.decode(new[0], skip_special_tokens=True).strip()
+        console.print(
+            f"auditing: a curious server attacks what the client sent for {AUDIT_PROMPTS} test prompts"
+        )
+        audit = demo_audit(client, train, tokenizer)
     metric = next(iter(summary["after"]))
     table = Table(title="fedsplit demo")
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row(f"sentiment {metric} before", f"{summary['before'][metric]:.3f}")
     table.add_row(f"sentiment {metric} after {steps} steps", f"{summary['after'][metric]:.3f}")
+    reads = round(100 * audit.tier("public").strongest.token_f1)
+    table.add_row("curious server reads (public tier)", f"~{reads} % of tokens")
     table.add_row("training time", f"{summary['train_seconds']:.0f} s")
     table.add_row("bytes on the wire per training step", f"{summary['bytes_per_step'] / 1024:.1f} KiB")
     per_token = decode_bytes / max(new.shape[1] - 1, 1)
@@ -95,4 +106,36 @@ def run_demo(cfg: DemoConfig) -> dict:
     console.print(f"\n[bold]Q:[/bold] {QUESTION}\n[bold]A:[/bold] {answer}\n")
     console.print(table)
     console.print(f"adapters saved in {out} (fedsplit export --adapters {out} --out merged)")
-    return {"summary": summary, "answer": answer, "bytes_per_token": per_token}
+    return {
+        "summary": summary,
+        "answer": answer,
+        "bytes_per_token": per_token,
+        "server_reads_percent": reads,
+        "audit": audit.as_dict(),
+    }
+
+
+def demo_audit(client, train: TrainConfig, tokenizer) -> AuditReport:
+    """:func:`~fedsplit.attacks.audit.audit_client` on test prompts of the demo's task, on a small budget
+    (probe and nearest-neighbour attacks, public dialogue text); the demo reports its public tier."""
+    from ..tasks import load_task
+
+    prompts = [
+        ex.prompt for ex in load_task(train.task, max_examples=4 * AUDIT_PROMPTS, seed=train.seed).test
+    ]
+    return audit_client(
+        client,
+        tokenizer,
+        prompts[:AUDIT_PROMPTS],
+        spec=train.model,
+        head_layers=train.head_layers,
+        public_texts=default_public_texts(256, seed=train.seed),
+        defense_spec=train.defense_spec(),
+        n=AUDIT_PROMPTS,
+        k=AUDIT_KNOWN,
+        attacks=("probe-tied",),
+        tier_config=AUDIT_BUDGET,
+        seed=train.seed,
+        progress=False,
+        wire_dtype=train.wire_dtype,
+    )

@@ -76,9 +76,26 @@ def bench_quality(
 def bench_privacy(
     cfg: PrivacyBenchConfig, json_out: Optional[Path] = _json("also write the rows here")
 ) -> None:
-    """Attacks x defences x strengths x p: a table and privacy-utility plots with the Pareto frontier."""
-    from ..bench.privacy import sweep
+    """Attacks x defences x strengths x p: a table and privacy-utility plots with the Pareto frontier.
+
+    With --after-finetune each defence is judged on the model fine-tuned with it on: task metric
+    and cost in points, strongest attack at the public, known-plaintext and oracle tiers."""
     from ..bench.report import write_json
+
+    if cfg.after_finetune:
+        from ..bench.privacy_finetune import sweep as sweep_ft
+
+        summary = call(sweep_ft, cfg)
+        write_json(summary, json_out)
+        out = Path(cfg.out)
+        print((out / "privacy_ft.md").read_text())
+        target = summary["target"]
+        print(
+            f"within 1 point and F1 <= 0.20 at the public and known-plaintext tiers: {', '.join(target) or 'none'}"
+        )
+        print(f"{len(summary['rows'])} rows ({summary['seconds']:.0f}s this run); frontier.png in {out}")
+        return
+    from ..bench.privacy import sweep
 
     summary = sweep(cfg)
     write_json(summary, json_out)

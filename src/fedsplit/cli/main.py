@@ -7,6 +7,7 @@ with a config dataclass take their options from its fields (:mod:`fedsplit.cli.o
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
@@ -29,16 +30,20 @@ def generate(
     *,
     cfg: GenerateConfig,
 ) -> None:
-    """Generate text with the split model (chat template applied)."""
+    """Generate text with the split model (chat template applied).
+
+    --defense SPEC as for train; unset: the run's own defence and its trained state with --adapters,
+    else the default defence. --noise N is a deprecated alias of --defense gaussian:N.
+    """
     from ..client.api import SplitModelForCausalLM
 
     if local == (cfg.server is not None):
         fail("give exactly one of --local or --server HOST:PORT")
-    defense = None
+    defense = call(cfg.defense_option)
     if cfg.noise > 0:
-        from ..privacy import parse_defense
-
-        defense = parse_defense(f"gaussian:{cfg.noise}")
+        logging.getLogger(__name__).warning(
+            "--noise is deprecated: use --defense gaussian:%s (same noise)", f"{cfg.noise:g}"
+        )
     lm = call(
         SplitModelForCausalLM.from_pretrained,
         cfg.model,
@@ -48,8 +53,8 @@ def generate(
         cfg.token,
         cfg.tls_ca,
         cfg.wire_dtype,
-        defense,
-        cfg.adapters,
+        defense=defense,
+        adapters=cfg.adapters,
         device=cfg.device,
         dtype=cfg.dtype,
     )
@@ -130,7 +135,7 @@ def token_add(
 
 
 # Each adds its commands to the apps; here, so `fedsplit --help` lists them in this order.
-from . import train, bench, serve, federation  # noqa: E402, F401, I001
+from . import train, bench, serve, federation, audit  # noqa: E402, F401, I001
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -35,15 +35,18 @@ def eval_(
     cfg: EvalConfig,
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics here"),
 ) -> None:
-    """Score the base or a fine-tuned model on a task, split (--server) or centralized."""
+    """Score the base or a fine-tuned model on a task, split (--server) or centralized.
+
+    A split client sends through --defense SPEC (unset: the run's own defence and its trained
+    state with --adapters, else the default defence); --defense without --server or --adapters
+    scores the split model in this process.
+    """
     from ..bench.report import show_figures
-    from ..client.train import build_client, evaluate_client, load_run_adapters
+    from ..client.train import build_eval_client, evaluate_client
     from ..model.loading import load_tokenizer
     from ..tasks import load_task
 
-    client = call(build_client, cfg.train_config(), None, False)
-    if cfg.adapters is not None:
-        call(load_run_adapters, client, Path(cfg.adapters))
+    client = call(build_eval_client, cfg)
     scored = call(load_task, cfg.task, seed=cfg.seed, path=cfg.data)
     metrics = evaluate_client(client, scored, load_tokenizer(cfg.model), cfg.split, cfg.max_examples)
     show_figures(metrics, json_out, f"fedsplit eval {cfg.task}")

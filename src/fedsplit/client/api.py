@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +15,10 @@ from ..model.segments import KVCache
 from ..model.split import body_span, load_client_parts, load_part, num_layers
 from ..wire.protocol import SessionConfig
 from .core import LocalTransport, SplitClient
+from .train import client_defense, defense_option_for_run, left_pad, load_run_defense
+
+if TYPE_CHECKING:
+    from ..privacy import Defense
 
 
 def pad_lengths_from_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
@@ -26,14 +31,6 @@ def pad_lengths_from_mask(attention_mask: torch.Tensor | None, input_ids: torch.
     if not torch.equal(expected, attention_mask.long()):
         raise ValueError("fedsplit expects left padding (tokenizer.padding_side = 'left')")
     return input_ids.shape[1] - lengths
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-    return ids, torch.tensor([width - len(s) for s in sequences], dtype=torch.long)
 
 
 class SplitModelForCausalLM:
@@ -58,7 +55,7 @@ class SplitModelForCausalLM:
         token: str | None = None,
         tls_ca: str | None = None,
         wire_dtype: str = "fp16",
-        defense=None,
+        defense: Defense | str | None = None,
         adapters: str | Path | None = None,
         lora: LoraSettings | None = None,
         reconnect: bool = True,
@@ -69,6 +66,14 @@ class SplitModelForCausalLM:
 
         ``adapters`` is a directory with ``head/`` and ``tail/`` adapters (as ``fedsplit train`` writes).
         ``lora`` adds fresh trainable adapters (for fine-tuning).
+        ``defense`` transforms the hidden states sent to the body: a spec (``"gaussian:0.1:relative"``,
+        ``"adv:0.1"``; grammar in ``docs/privacy.md``), ``"none"`` for none, a
+        :class:`~fedsplit.privacy.Defense` module (used as it is), or ``None`` for the default defence
+        (:func:`fedsplit.privacy.defaults.resolve_defense_spec`). With ``adapters`` and ``defense=None``,
+        the run's own defence is used; the run's trained defence state (``defense/``, ``adv`` or
+        ``mid``) is loaded whenever the defence is the one the run was trained with, and a warning
+        says when it is not. A defence built from a spec is put in eval mode unless ``lora`` is given.
+        Without any defence, a warning (once per process) says what a curious server can read.
         ``reconnect`` (remote only): a generation whose server restarts reconnects and replays what it
         sent, then continues the same output (:mod:`fedsplit.client.resilience`).
         ``device`` ("auto", "cpu", "cuda", "cuda:N" or a ``torch.device``) and ``dtype`` ("auto",
@@ -90,8 +95,19 @@ class SplitModelForCausalLM:
         elif lora is not None:
             add_lora(head, lora)
             add_lora(tail, lora)
-        if defense is not None:
-            defense.to(device)  # a trainable defence (MID) computes beside the head
+        if defense is None or isinstance(defense, str):
+            from ..privacy.defaults import resolve_defense_spec
+
+            option = defense_option_for_run(defense, adapters) if adapters is not None else defense
+            defense = client_defense(resolve_defense_spec(option), head)
+            if defense is not None and lora is None:
+                defense.eval()  # generation: MID sends its posterior mean, adv trains nothing
+        else:
+            defense.to(device)  # a trainable defence (MID, adv) computes beside the head
+        if defense is None:
+            from ..privacy.defaults import warn_undefended
+
+            warn_undefended(head_layers)
         if server is None:
             transport = LocalTransport(load_part(spec, "body", span=span, dtype=dtype, device=device))
         else:
@@ -108,6 +124,8 @@ class SplitModelForCausalLM:
         if adapters is not None and (Path(adapters) / "body").exists():
             state, settings = read_adapter(Path(adapters) / "body")
             client.body_adapter = (settings, state)
+        if adapters is not None:
+            load_run_defense(client, adapters)
         return cls(client, load_tokenizer(spec), spec, head_layers, tail_layers)
 
     def encode_chat(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,10 @@ DEVICE_HELP = (
     "where the client's head and tail run: auto (CUDA when torch sees a GPU, else cpu), cpu, cuda, cuda:N"
 )
 DTYPE_HELP = "compute dtype of the weights: auto (bf16 on CUDA, fp32 on cpu), fp32, bf16, fp16"
+DEFENSE_HELP = (
+    "defence on the hidden states sent to the server, e.g. gaussian:0.1:relative, dp:clip=1,sigma=0.5, "
+    "adv:0.1 (grammar: docs/privacy.md); 'none' for none; unset: the default defence"
+)
 
 
 def check_device(text: str) -> str:
@@ -35,6 +39,26 @@ def check_dtype(text: str) -> str:
     except ValueError as exc:
         raise ValueError(str(exc).removeprefix("dtype ")) from None
     return text
+
+
+def check_defense(text: str) -> str:
+    """``text`` if it is a defence spec by the grammar of ``docs/privacy.md`` ("none" included).
+
+    Only the syntax is checked here; values out of range surface when the defence is built.
+    """
+    from ..privacy.spec import parse_defense_items  # torch: only when a command runs
+
+    try:
+        parse_defense_items(text)
+    except ValueError as exc:  # shown after the option's name: "--defense 'x' is not ..."
+        first = str(exc).splitlines()[0].removeprefix(f"invalid defence spec {text!r}: ")
+        raise ValueError(f"{text!r} is not a defence spec: {first} (grammar: docs/privacy.md)") from None
+    return text
+
+
+def defense_field(help: str = DEFENSE_HELP):
+    """A ``defense`` field: a spec, "none", or unset for the default defence; syntax checked at start."""
+    return field(default=None, metadata={"help": help, "parse": check_defense, "metavar": "SPEC"})
 
 
 def device_field(help: str = DEVICE_HELP):
@@ -84,10 +108,7 @@ class TrainConfig:
         metadata={"help": "Gaussian noise std on hidden states sent (absolute; see --noise-relative)"},
     )
     noise_relative: bool = field(default=False, metadata={"help": "--noise is relative to each token's RMS"})
-    defense: str | None = field(
-        default=None,
-        metadata={"help": "privacy defence spec, e.g. dp:clip=1,sigma=0.5 (overrides --noise)"},
-    )
+    defense: str | None = defense_field(DEFENSE_HELP + " (overrides --noise)")
     wire_dtype: str = field(default="fp16", metadata={"help": "fp32 | fp16 | bf16 | int8"})
     seed: int = field(default=0, metadata={"help": "seed for data order, LoRA init and noise"})
     eval_every: int = field(
@@ -162,11 +183,16 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be 0 or more (got {value})")
 
     def defense_spec(self) -> str | None:
-        if self.defense:
-            return self.defense
-        if self.noise > 0:
+        """The defence spec of this run's client, or ``None`` for none.
+
+        ``--defense`` if given (``"none"``: none), else ``--noise`` as a Gaussian defence, else the
+        default defence (:func:`fedsplit.privacy.defaults.resolve_defense_spec`).
+        """
+        from ..privacy.defaults import resolve_defense_spec
+
+        if not self.defense and self.noise > 0:
             return f"gaussian:{self.noise}" + (":relative" if self.noise_relative else "")
-        return None
+        return resolve_defense_spec(self.defense)
 
 
 @dataclass
@@ -190,20 +216,27 @@ class EvalConfig:
     split: str = field(default="test", metadata={"help": "train | val | test"})
     seed: int = field(default=0, metadata={"help": "data split seed (use the training seed)"})
     token: str | None = field(default=None, metadata={"help": "bearer token", "envvar": "FEDSPLIT_TOKEN"})
+    defense: str | None = defense_field(
+        DEFENSE_HELP + "; with --adapters and unset: the run's own defence and its trained weights. "
+        "Without --server or --adapters, a defence other than 'none' scores the split model in this process"
+    )
     device: str = device_field(
         "where the model runs (head and tail; the whole model without --server): auto, cpu, cuda, cuda:N"
     )
     dtype: str = dtype_field()
 
     def train_config(self) -> TrainConfig:
-        """The client to score: split through ``server``, split in this process when only
-        ``adapters`` are given (a split run's body adapter needs the split layout), else unsplit."""
-        split = self.server is not None or self.adapters is not None
+        """The client to score: split through ``server``, split in this process when ``adapters``
+        (a split run's body adapter needs the split layout) or a defence (other than "none") are
+        given, else unsplit (nothing leaves the process, so no defence applies)."""
+        defended = self.defense is not None and self.defense.strip().lower() not in ("", "none")
+        split = self.server is not None or self.adapters is not None or defended
         return TrainConfig(
             model=self.model,
             server=self.server,
             head_layers=self.head_layers,
             tail_layers=self.tail_layers,
+            defense=self.defense,
             centralized=not split,
             token=self.token,
             seed=self.seed,
@@ -232,6 +265,24 @@ class GenerateConfig:
     adapters: str | None = field(
         default=None, metadata={"help": "directory with head/ and tail/ adapters from fedsplit train"}
     )
-    noise: float = field(default=0.0, metadata={"help": "Gaussian noise std on hidden states sent"})
+    defense: str | None = defense_field(
+        DEFENSE_HELP + "; with --adapters and unset: the run's own defence and its trained weights"
+    )
+    noise: float = field(
+        default=0.0,
+        metadata={"help": "deprecated: --noise N is --defense gaussian:N (absolute Gaussian noise std)"},
+    )
     device: str = device_field("where head and tail run (and the body with --local): auto, cpu, cuda, cuda:N")
     dtype: str = dtype_field()
+
+    def defense_option(self) -> str | None:
+        """``--defense``, or the deprecated ``--noise N`` as ``gaussian:N``; ``None`` when neither is given.
+
+        Raises:
+            ValueError: both are given.
+        """
+        if self.noise > 0 and self.defense is not None:
+            raise ValueError("give --defense or --noise, not both (--noise N is --defense gaussian:N)")
+        if self.noise > 0:
+            return f"gaussian:{self.noise}"
+        return self.defense

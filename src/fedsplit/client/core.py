@@ -70,6 +70,9 @@ class SplitClient:
 
     ``defense`` transforms hidden states before they leave; ``grad_defense`` transforms
     the gradient copy sent back to the server (the client's own backward stays clean).
+    ``taps`` are callables ``tap(sent, pad_lengths)`` that :meth:`send` calls with every
+    tensor as it leaves the client (after the defence, detached): how ``fedsplit audit`` sees
+    what the server sees. A tap only reads: it must not modify the tensor it is given.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class SplitClient:
         self.optimizer: torch.optim.Optimizer | None = None
         self.body_adapter = None  # (LoraSettings, state) pushed into inference sessions, e.g. from --adapters
         self._score_session: BodyHandle | None = None
+        self.taps: list[Callable[[torch.Tensor, torch.Tensor], None]] = []  # readers of what send() returns
 
     @property
     def device(self) -> torch.device:
@@ -116,7 +120,11 @@ class SplitClient:
         )
 
     def send(self, hidden: torch.Tensor, pad_lengths: torch.Tensor) -> torch.Tensor:
-        return self.defense(hidden, pad_lengths) if self.defense is not None else hidden
+        """The hidden states as they leave the client: after the defence; each tap sees them (detached)."""
+        sent = self.defense(hidden, pad_lengths) if self.defense is not None else hidden
+        for tap in self.taps:
+            tap(sent.detach(), pad_lengths)
+        return sent
 
     def run_head(
         self,

@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,19 +16,70 @@ from ..model.loading import load_config, load_tokenizer, model_fingerprint
 from ..model.lora import add_lora, save_adapter
 from ..model.split import body_span, load_client_parts, load_part, num_layers
 from ..wire.protocol import SessionConfig
-from .config import TrainConfig
+from .config import EvalConfig, TrainConfig
 from .core import LocalTransport, SplitClient, lm_loss
 from .federated import FederatedTransport, join_federation
 
+if TYPE_CHECKING:
+    from ..privacy import Defense
+
 log = logging.getLogger(__name__)
+
+DEFENSE_DIR = "defense"  # in a run folder: defense.json ({"spec": ...}) and defense.safetensors
+DEFENSE_SPEC_FILE = "defense.json"
+DEFENSE_WEIGHTS = "defense.safetensors"
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists with ``pad_id``: (ids ``[B, T]``, pad lengths ``[B]``)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+    return ids, torch.tensor([width - len(s) for s in sequences], dtype=torch.long)
+
+
+def special_token_ids(config) -> list[int]:
+    """The bos, eos and pad ids of a model config (a ``textdx`` defence never replaces nor picks them)."""
+    special = (getattr(config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id"))
+    return sorted({i for ids in special if ids is not None for i in ([ids] if isinstance(ids, int) else ids)})
+
+
+def client_defense(spec: str | None, head) -> Defense | None:
+    """The defence ``spec`` describes (``None`` or "none": none), built for ``head`` and placed beside it.
+
+    ``adv`` and ``mid`` get the head's hidden size, ``textdx`` its input embedding and special ids.
+    The spec is taken as it is: resolve a user's option first
+    (:func:`fedsplit.privacy.defaults.resolve_defense_spec`).
+
+    Raises:
+        ValueError: one line, for a malformed spec or a value out of range.
+    """
+    from ..privacy import parse_defense
+
+    try:
+        defense = parse_defense(
+            spec,
+            hidden_size=int(head.config.hidden_size),
+            embedding=head.embed_tokens.weight.detach(),
+            keep_ids=special_token_ids(head.config),
+        )
+    except ValueError as exc:  # the message ends with the whole grammar: keep its first line
+        raise ValueError(f"{str(exc).splitlines()[0]} (grammar: docs/privacy.md)") from None
+    if defense is not None:
+        defense.to(next(head.parameters()).device)  # a trainable defence (MID, adv) computes beside the head
+    return defense
 
 
 def build_client(cfg: TrainConfig, transport=None, lora: bool = True) -> SplitClient:
     """Head and tail with fresh LoRA (seeded; ``lora=False``: none), a defence, and a transport to the body.
 
-    Head, tail, defence and a body in this process go on ``cfg.device`` in ``cfg.dtype``.
+    Head, tail, defence and a body in this process go on ``cfg.device`` in ``cfg.dtype``. The
+    defence is ``cfg.defense_spec()`` (``--defense``, ``--noise``, else the default defence); a
+    split client without one logs :func:`fedsplit.privacy.defaults.warn_undefended` (once per
+    process). A centralized client sends nothing and has no defence.
     """
-    from ..privacy import parse_defense
+    from ..privacy.defaults import warn_undefended
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -53,25 +105,116 @@ def build_client(cfg: TrainConfig, transport=None, lora: bool = True) -> SplitCl
             transport = LocalTransport(load_part(cfg.model, "body", span=span, dtype=dtype, device=device))
     defense = None
     if not cfg.centralized:
-        special = (
-            getattr(head.config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")
-        )
-        keep = sorted(
-            {i for ids in special if ids is not None for i in ([ids] if isinstance(ids, int) else ids)}
-        )
-        defense = parse_defense(
-            cfg.defense_spec(),
-            hidden_size=int(head.config.hidden_size),
-            embedding=head.embed_tokens.weight.detach(),
-            keep_ids=keep,
-        )
-    if defense is not None:
-        defense.to(device)  # a trainable defence (MID) computes beside the head
+        defense = client_defense(cfg.defense_spec(), head)
+        if defense is None:
+            warn_undefended(p)
     return SplitClient(head, tail, transport, span, defense=defense)
 
 
+def run_defense_spec(run_dir: str | Path) -> str | None:
+    """The defence a run in ``run_dir`` was trained with: its spec, "none" for none, ``None`` if unknown.
+
+    Read from ``defense/defense.json`` (written by :func:`save_run`), else, for runs saved before
+    it, from the options in ``summary.json`` (``defense``, else ``noise``; a split run with neither
+    was undefended). A centralized run, or a folder with neither file, gives ``None``.
+    """
+    run_dir = Path(run_dir)
+    spec_file = run_dir / DEFENSE_DIR / DEFENSE_SPEC_FILE
+    if spec_file.exists():
+        return str(json.loads(spec_file.read_text())["spec"])
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        return None
+    config = json.loads(summary.read_text()).get("config") or {}
+    if not config or config.get("centralized"):
+        return None
+    if config.get("defense"):
+        return str(config["defense"])
+    if (config.get("noise") or 0) > 0:
+        return f"gaussian:{config['noise']}" + (":relative" if config.get("noise_relative") else "")
+    return "none"
+
+
+def defense_option_for_run(option: str | None, run_dir: str | Path) -> str | None:
+    """The ``--defense`` value for a client that loads the run in ``run_dir`` (``--adapters``).
+
+    An option the user gave wins. Without one, the run's own defence (:func:`run_defense_spec`,
+    "none" when it was trained undefended) is used, so :func:`load_run_adapters` also loads its
+    trained weights; if the run records none, ``None``: the default defence applies.
+    """
+    if option is not None:
+        return option
+    spec = run_defense_spec(run_dir)
+    if spec is not None:
+        log.info("defence from the run in %s: %s", run_dir, spec)
+    return spec
+
+
+def save_defense(defense: Defense | None, directory: str | Path) -> None:
+    """``directory/defense.json`` ({"spec": the defence's canonical name, or "none"}) and, for a
+    defence with parameters or buffers (``adv``, ``mid``), its state in ``defense.safetensors``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    spec = defense.name if defense is not None else "none"
+    (directory / DEFENSE_SPEC_FILE).write_text(json.dumps({"spec": spec}, indent=2) + "\n")
+    weights = directory / DEFENSE_WEIGHTS
+    state = defense.state_dict() if defense is not None else {}
+    if state:
+        tensors = {key: value.detach().cpu().clone().contiguous() for key, value in state.items()}
+        save_file(tensors, str(weights), metadata={"spec": spec})
+    elif weights.exists():  # left by an earlier run in the same folder
+        weights.unlink()
+
+
+def load_run_defense(client: SplitClient, run_dir: str | Path) -> bool:
+    """Load the trained defence state of the run in ``run_dir`` into ``client.defense``.
+
+    The state is loaded only when the client's defence is the one the run was trained with
+    (same canonical spec); otherwise the run's weights are not used, and a warning says so.
+    Returns whether a state was loaded.
+
+    Raises:
+        ValueError: the saved state does not fit the client's defence (another model).
+    """
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    run_spec = run_defense_spec(run_dir)
+    weights = run_dir / DEFENSE_DIR / DEFENSE_WEIGHTS
+    ours = client.defense.name if client.defense is not None else "none"
+    if run_spec is None or run_spec == ours:
+        if not weights.exists() or client.defense is None:
+            return False
+        try:
+            client.defense.load_state_dict(load_file(str(weights)))
+        except RuntimeError as exc:
+            raise ValueError(
+                f"{weights} does not fit the defence {ours}: {str(exc).splitlines()[0]}"
+            ) from None
+        log.info("loaded the trained state of the defence %s from %s", ours, weights)
+        return True
+    if weights.exists():
+        log.warning(
+            "the defence %s differs from the run's %s (%s): the run's trained defence weights are not used",
+            ours,
+            run_spec,
+            run_dir,
+        )
+    else:
+        log.info(
+            "the run in %s was trained with the defence %s; this client uses %s", run_dir, run_spec, ours
+        )
+    return False
+
+
 def load_run_adapters(client: SplitClient, run_dir: str | Path) -> None:
-    """Load head/ and tail/ adapters into the client; body/ is pushed into its inference sessions."""
+    """Load head/ and tail/ adapters into the client; body/ is pushed into its inference sessions.
+
+    A trained defence state in defense/ is loaded too when the client's defence is the run's
+    (see :func:`load_run_defense`; build the client with :func:`defense_option_for_run` to get it).
+    """
     from ..model.lora import load_lora_state_dict, read_adapter
 
     run_dir = Path(run_dir)
@@ -82,6 +225,22 @@ def load_run_adapters(client: SplitClient, run_dir: str | Path) -> None:
             load_lora_state_dict(segment, state)
     state, settings = read_adapter(run_dir / "body")
     client.body_adapter = (settings, state)
+    load_run_defense(client, run_dir)
+
+
+def build_eval_client(cfg: EvalConfig) -> SplitClient:
+    """The client ``fedsplit eval`` scores: :meth:`EvalConfig.train_config`, without fresh LoRA.
+
+    With ``cfg.adapters``, the run's adapters are loaded, and its defence is used unless
+    ``cfg.defense`` is given (:func:`defense_option_for_run`, :func:`load_run_defense`).
+    """
+    train_cfg = cfg.train_config()
+    if cfg.adapters is not None:
+        train_cfg.defense = defense_option_for_run(cfg.defense, cfg.adapters)
+    client = build_client(train_cfg, lora=False)
+    if cfg.adapters is not None:
+        load_run_adapters(client, cfg.adapters)
+    return client
 
 
 def evaluate_client(
@@ -93,8 +252,6 @@ def evaluate_client(
         return client.logits(ids, pad)
 
     def generate_fn(prompts, max_new_tokens):
-        from .api import left_pad
-
         ids, pad = left_pad(prompts, tokenizer.pad_token_id)
         out = client.generate(ids, pad, max_new_tokens, tokenizer.eos_token_id)
         return [row.tolist() for row in out]
@@ -226,7 +383,11 @@ def resilient_trainer(cfg: TrainConfig, client: SplitClient, session_config: Ses
 
 
 def save_run(client: SplitClient, cfg: TrainConfig, summary: dict) -> Path:
-    """head/, body/, tail/ adapters (peft format) + summary.json; `fedsplit export` reads this layout."""
+    """head/, body/, tail/ adapters (peft format) + summary.json; `fedsplit export` reads this layout.
+
+    A split run also gets defense/ (:func:`save_defense`): the defence's spec and, for a trained
+    one, its state, which ``--adapters`` picks up later (:func:`load_run_adapters`).
+    """
     out = Path(cfg.out)
     meta = {"model": cfg.model, "head_layers": cfg.head_layers, "tail_layers": cfg.tail_layers}
     save_adapter(client.head, out / "head", cfg.lora, **meta)
@@ -236,6 +397,8 @@ def save_run(client: SplitClient, cfg: TrainConfig, summary: dict) -> Path:
         settings, state = session.adapter_state()
         body_dir = out / "body"
         save_adapter(None, body_dir, settings, state=state, **meta)
+    if not cfg.centralized:
+        save_defense(client.defense, out / DEFENSE_DIR)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     log.info("saved adapters and summary to %s", out)
     return out

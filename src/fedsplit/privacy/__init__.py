@@ -14,6 +14,7 @@ from fedsplit.privacy.accounting import calibrate_noise_multiplier, gaussian_eps
 from fedsplit.privacy.adversarial import AdversarialDefense, grad_reverse
 from fedsplit.privacy.base import Compose, Defense, GradDefense, TokenDefense, real_token_mask
 from fedsplit.privacy.bypass import BypassDefense
+from fedsplit.privacy.defaults import resolve_defense_spec, warn_undefended
 from fedsplit.privacy.dp import DPDefense, clip_tokens
 from fedsplit.privacy.mid import MIDDefense
 from fedsplit.privacy.noise import DXDefense, GaussianDefense, GaussianGradDefense, LaplaceDefense
@@ -58,4 +59,6 @@ __all__ = [
     "parse_grad_defense",
     "per_release_epsilon",
     "real_token_mask",
+    "resolve_defense_spec",
+    "warn_undefended",
 ]

@@ -88,6 +88,10 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         self.executor = executor or body_worker()
         self.batcher = DecodeBatcher(self.run)
         self.stats = {"forward": 0, "backward": 0, "errors": 0, "batched_rows": 0}
+        # Callables ``observer(session, hidden, pad_lengths, offset)`` shown every hidden state a
+        # client sends, as decoded: what a curious operator of this server can record. Used by
+        # `fedsplit bench privacy --after-finetune` to attack exactly what arrived over gRPC.
+        self.observers: list[Callable[[BodySession, torch.Tensor, torch.Tensor, int], None]] = []
         self._reserved: dict[str, int] = {}
         self.runs = RunCheckpoints(
             config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep, fingerprint
@@ -316,6 +320,8 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             )
             hidden = self.decode(fwd.hidden, expect_shape=(rows, None, hidden_size), max_elements=limit)
             pad = torch.tensor(list(fwd.pad_lengths), dtype=torch.long, device=self.device)
+            for observe in self.observers:
+                observe(session, hidden, pad, fwd.position_offset)
             if session.config.mode == "generate" and fwd.use_cache and hidden.shape[1] == 1:
                 out = await self.batcher.submit(session, hidden, pad, fwd.position_offset)
             elif session.config.mode == "train" and fwd.keep_graph:
