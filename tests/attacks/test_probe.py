@@ -103,5 +103,7 @@ def test_tied_probe_names_tokens_the_public_text_never_showed_it(setup):
     got = tied.decode(setup["hidden"], setup["pad"])
     assert (got[unseen] == setup["ids"][unseen]).float().mean() > 0.5  # the linear probe: 0 by construction
     assert not (linear.decode(setup["hidden"], setup["pad"])[unseen] == setup["ids"][unseen]).any()
-    assert f1_of(got, setup["ids"], real) > f1_of(linear.decode(setup["hidden"], setup["pad"]), setup["ids"], real)
+    assert f1_of(got, setup["ids"], real) > f1_of(
+        linear.decode(setup["hidden"], setup["pad"]), setup["ids"], real
+    )
     assert set(got[real].tolist()).isdisjoint(setup["special"])
