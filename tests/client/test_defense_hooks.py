@@ -62,3 +62,21 @@ def test_trained_defences_see_the_inputs_and_their_penalties_reach_the_head():
         assert head_grads and all(g is not None for g in head_grads), spec
     inverter = [p for n, p in client.defense.named_parameters() if p.requires_grad]
     assert inverter and any(p.grad is not None and p.grad.abs().sum() > 0 for p in inverter)
+
+
+def test_text_dx_with_bypass_keeps_the_true_text_on_the_clients_path():
+    # An empty body (p + q = N): with the bypass the tail reads the head's output on the true ids,
+    # while the server got the states of the perturbed ids.
+    b = batch()
+    clean = client_for(None, 2, 2).logits(b["input_ids"], b["pad_lengths"])
+    perturbed = client_for("textdx:1e-6,k=4", 2, 2).logits(b["input_ids"], b["pad_lengths"])
+    client = client_for("textdx:1e-6,k=4+bypass", 2, 2)
+    sent = []
+    client.taps.append(lambda states, pad: sent.append(states))
+    both = client.logits(b["input_ids"], b["pad_lengths"])
+    assert not torch.allclose(perturbed, clean, atol=1e-2)
+    assert torch.allclose(both, clean, atol=1e-4)
+    with torch.no_grad():
+        true_states = client.head(b["input_ids"], b["pad_lengths"])
+    real = torch.arange(12)[None] >= b["pad_lengths"][:, None]
+    assert not torch.allclose(sent[0][real], true_states[real], atol=1e-2)  # the server saw other text

@@ -139,11 +139,18 @@ class SplitClient:
             return self.head(ids, pad_lengths, cache, offset)
         start = offset if offset is not None else (cache.length if cache is not None else 0)
         token_defense = self.defense.token_defense
+        true_ids = ids
         if token_defense is not None:
             ids = token_defense.perturb(ids, pad_lengths, start)
         embeds = self.head.embed_tokens(ids)
         self.defense.observe_inputs(ids, embeds, pad_lengths, start)
-        return self.head(pad_lengths=pad_lengths, cache=cache, offset=offset, inputs_embeds=embeds)
+        out = self.head(pad_lengths=pad_lengths, cache=cache, offset=offset, inputs_embeds=embeds)
+        if token_defense is not None and getattr(self.defense, "bypasses", False) and cache is None:
+            # textdx + bypass: the client's own residual stream carries the true text (a second,
+            # gradient-free run of the head); with a KV cache the head runs once, on the perturbed ids.
+            with torch.no_grad():
+                self.defense.set_reference(self.head(true_ids, pad_lengths, None, offset))
+        return out
 
     def tail_input(self, received: torch.Tensor) -> torch.Tensor:
         """What the tail reads: the body's output, less what the client itself added to the residual

@@ -189,18 +189,37 @@ class Compose(Defense):
             raise ValueError("a defence chain can hold only one token-level defence")
         self.defenses = nn.ModuleList(flat)
         self._correction: torch.Tensor | None = None
+        self._reference: torch.Tensor | None = None
 
     @property
     def name(self) -> str:
         return "+".join(d.name for d in self.defenses)
 
+    @property
+    def bypasses(self) -> bool:
+        """Whether the chain holds ``bypass`` (the client cancels what the chain sent)."""
+        return any(d.bypass for d in self.defenses)
+
+    def set_reference(self, clean: torch.Tensor) -> None:
+        """The head's output on the *true* ids, for the next forward's bypass correction.
+
+        With a text-level defence the head read perturbed ids, so its output already carries
+        the perturbation. The client runs its head once more on the true ids and hands that
+        output here: ``bypass`` then cancels the text perturbation too, and the tail reads the
+        true text's residual stream plus what the body computed from the perturbed one.
+        """
+        self._reference = clean.detach()
+
     def forward(self, hidden: torch.Tensor, pad_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        clean = hidden
+        clean, self._reference = (self._reference, None) if self._reference is not None else (hidden, None)
+        if clean.shape != hidden.shape:
+            raise ValueError(
+                f"bypass reference of shape {tuple(clean.shape)} for states {tuple(hidden.shape)}"
+            )
         for d in self.defenses:
             hidden = d(hidden, pad_lengths)
         # A bypass member cancels, on the client, everything the chain did to the residual stream.
-        bypass = any(d.bypass for d in self.defenses)
-        self._correction = (hidden - clean).detach() if bypass else None
+        self._correction = (hidden - clean).detach() if self.bypasses else None
         return hidden
 
     def observe_inputs(
