@@ -110,7 +110,7 @@ QUICK_GRID = Grid(
     (("sentiment", 2, "none"), ("sentiment", 2, "gaussian:4:relative+bypass")),
 )
 # Summarization: the generation task, for the configurations named with --configs.
-SUMMARIZATION_BUDGET = Budget(steps=20, batch_size=4, max_length=256, eval_examples=40)
+SUMMARIZATION_BUDGET = Budget(steps=20, batch_size=4, max_length=256, eval_examples=24)
 
 
 def job_key(task: str, p: int, defense: str) -> str:

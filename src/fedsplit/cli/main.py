@@ -134,6 +134,21 @@ def token_add(
         fail(str(exc))
 
 
+@token_app.command("revoke")
+def token_revoke(
+    name: str = typer.Argument(..., help="client id"),
+    tokens: Path = typer.Option(Path("fedsplit-tokens.txt"), help="token file the server reads"),
+) -> None:
+    """Remove a client's token; a running server refuses it from its next call and closes its sessions."""
+    from ..server.auth import revoke_token
+
+    try:
+        revoke_token(tokens, name)
+    except ValueError as exc:
+        fail(str(exc))
+    print(f"revoked the token of {name} in {tokens}")
+
+
 # Each adds its commands to the apps; here, so `fedsplit --help` lists them in this order.
 from . import train, bench, serve, federation, audit  # noqa: E402, F401, I001
 

@@ -20,9 +20,9 @@ log = logging.getLogger("fedsplit.privacy")
 DEFAULT_DEFENSE: str | None = None
 """The defence spec used when the user gives none (``None``: no defence)."""
 
-# Token F1 of the strongest public-tier attack against an undefended client with p head
-# layers. Placeholders: set from fedsplit bench privacy --after-finetune.
-UNDEFENDED_F1: dict[int, float] = {2: 0.9, 4: 0.9}
+# Token F1 of the strongest public-tier attack against an undefended client with p head layers,
+# SmolLM2-135M fine-tuned on sentiment (`fedsplit bench privacy --after-finetune`, docs/privacy.md).
+UNDEFENDED_F1: dict[int, float] = {2: 0.950}
 
 _warned = False  # warn_undefended logs once per process
 

@@ -158,6 +158,55 @@ class ServerConfig:
         default=5.0,
         metadata={"help": "seconds open calls get to finish on SIGTERM / Ctrl-C before they are cut"},
     )
+    insecure: bool = field(
+        default=False,
+        metadata={
+            "help": "serve on an address beyond loopback without TLS or client authentication "
+            "(refused otherwise; logs a warning)"
+        },
+    )
+    tls_client_ca: str | None = field(
+        default=None,
+        metadata={
+            "help": "mutual TLS: require a client certificate signed by this CA (PEM file); a client's id "
+            "is its certificate's common name (with --tokens too, the token must be that client's)",
+            "metavar": "FILE",
+        },
+    )
+    audit_log: str | None = field(
+        default=None,
+        metadata={
+            "help": "append one JSON line per session open and close to this file: client, mode, span, "
+            "tokens, steps, bytes, duration, status (never content)",
+            "metavar": "FILE",
+        },
+    )
+    client_max_sessions: int = field(
+        default=0,
+        metadata={"help": "sessions each client may hold on open streams at once (0 = no limit)"},
+    )
+    client_memory_budget: int | None = field(
+        default=None,
+        metadata={
+            "help": "session memory (KV caches, training graphs) each client may reserve, parked sessions "
+            "included; beyond it RESOURCE_EXHAUSTED (default: only --memory-budget applies)",
+            **SIZE,
+        },
+    )
+    client_tokens_per_s: float = field(
+        default=0.0,
+        metadata={
+            "help": "decode tokens per second per client (rows of one-token forwards; a bucket of one "
+            "second's worth); beyond it a step is refused with RESOURCE_EXHAUSTED (0 = no limit)"
+        },
+    )
+    client_steps_per_s: float = field(
+        default=0.0,
+        metadata={
+            "help": "training optimiser steps per second per client (a bucket of one second's worth); "
+            "beyond it a step is refused with RESOURCE_EXHAUSTED (0 = no limit)"
+        },
+    )
 
     def fedavg_period(self) -> int:
         """Steps between head/tail FedAvg rounds (0 = none); ``InfoReply.fedavg_every`` tells clients.

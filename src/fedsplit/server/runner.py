@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import threading
@@ -44,10 +45,63 @@ def build_servicer(config: ServerConfig, tokens_file: str | None = None, body=No
     return SplitServicer(body, config, model_fingerprint(config.model), tokens, executor=worker)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` binds only to this machine: 127.0.0.0/8, ::1 or ``localhost``."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost may resolve to anything
+        return False
+
+
+def exposure_problem(config: ServerConfig, tls: bool, client_auth: bool) -> str | None:
+    """Why serving on ``config.host`` would expose the body unsafely (one line), or None.
+
+    Beyond loopback a server needs TLS (``tls``: a certificate and key) and a way to authenticate
+    clients (``client_auth``: a token file or ``--tls-client-ca``); ``--insecure`` overrides.
+    """
+    if is_loopback(config.host):
+        return None
+    missing = []
+    if not tls:
+        missing.append("TLS (--tls-cert and --tls-key)")
+    if not client_auth:
+        missing.append("client authentication (--tokens or --tls-client-ca)")
+    if not missing:
+        return None
+    return (
+        f"refusing to serve on {config.host}, beyond loopback, without {' and '.join(missing)}; "
+        "add them, or pass --insecure to serve anyway"
+    )
+
+
+def check_exposure(config: ServerConfig, tls: bool, client_auth: bool) -> None:
+    """ValueError with :func:`exposure_problem`'s line, unless ``config.insecure`` (then a warning)."""
+    if config.tls_client_ca and not tls:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS runs over TLS")
+    problem = exposure_problem(config, tls, client_auth)
+    if problem is None:
+        return
+    if not config.insecure:
+        raise ValueError(problem)
+    log.warning(
+        "--insecure: %s; anyone who can reach this port can use the body and read what clients send",
+        problem.split(";")[0].replace("refusing to serve", "serving"),
+    )
+
+
 async def start_server(
     servicer: SplitServicer, config: ServerConfig, tls_cert: str | None = None, tls_key: str | None = None
 ) -> tuple[grpc.aio.Server, int]:
-    """Start serving; returns the server and the bound port."""
+    """Start serving; returns the server and the bound port.
+
+    Refuses (ValueError, before binding) to serve beyond loopback without TLS and client
+    authentication unless ``config.insecure`` (:func:`check_exposure`). With
+    ``config.tls_client_ca`` clients must present a certificate signed by that CA (mutual TLS).
+    """
+    tls = bool(tls_cert and tls_key)
+    check_exposure(config, tls, servicer.tokens is not None or config.tls_client_ca is not None)
     # Keepalive pings find peers that vanished without closing their TCP connection (a host that
     # lost power); their streams then break, their sessions are parked and the TTL frees them.
     keepalive = [  # accept clients' pings too
@@ -59,9 +113,16 @@ async def start_server(
     server = grpc.aio.server(options=codec.channel_options(config.max_message_bytes) + keepalive)
     pb_grpc.add_SplitServiceServicer_to_server(servicer, server)
     address = f"{config.host}:{config.port}"
-    if tls_cert and tls_key:
+    if tls:
         with open(tls_key, "rb") as k, open(tls_cert, "rb") as c:
-            creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            pair = (k.read(), c.read())
+        client_ca = None
+        if config.tls_client_ca:
+            with open(config.tls_client_ca, "rb") as f:
+                client_ca = f.read()
+        creds = grpc.ssl_server_credentials(
+            [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
         port = server.add_secure_port(address, creds)
     else:
         port = server.add_insecure_port(address)
@@ -109,6 +170,8 @@ async def serve_forever(servicer, config, tls_cert=None, tls_key=None, ready=Non
     if saved:
         log.info("checkpointed %d training run(s) on shutdown", saved)
     servicer.executor.shutdown(wait=True)
+    if servicer.audit is not None:
+        servicer.audit.close()
 
 
 @dataclass

@@ -25,13 +25,15 @@ from ..wire import fedsplit_pb2_grpc as pb_grpc
 from ..wire.lora import lora_from_proto, lora_to_proto
 from ..wire.protocol import SessionConfig
 from .adapters import AdapterPool
-from .auth import TokenStore, bearer
+from .audit_log import AuditLog, StreamRecord
+from .auth import Authenticator, AuthError, Caller, TokenStore
 from .batching import DecodeBatcher
 from .checkpoint import RunCheckpoints, check_run_id, run_adapter_name
 from .config import ServerConfig
 from .coordination.factory import make_coordinator
 from .opening import memory_needed, session_config, status_code
 from .placement import resolve_memory_budget
+from .quotas import ClientQuotas
 from .session import BodySession, SessionError
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,12 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         # `fedsplit bench privacy --after-finetune` to attack exactly what arrived over gRPC.
         self.observers: list[Callable[[BodySession, torch.Tensor, torch.Tensor, int], None]] = []
         self._reserved: dict[str, int] = {}
+        # Safe exposure: who calls (bearer token and/or client certificate, re-checked when the token
+        # file changes), per-client quotas (``client_*`` options) and the audit log (``--audit-log``).
+        self.auth = Authenticator(tokens, mutual_tls=config.tls_client_ca is not None)
+        self.quotas = ClientQuotas(config)
+        self.audit = AuditLog(config.audit_log) if config.audit_log else None
+        self._token_generation = tokens.generation if tokens is not None else 0
         self.runs = RunCheckpoints(
             config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep, fingerprint
         )
@@ -117,13 +125,13 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             **self.coordinator.describe(),
         )
 
-    async def _authenticate(self, context) -> str:
-        if self.tokens is None:
-            return "anonymous"
-        client = self.tokens.client_for(bearer(context.invocation_metadata()))
-        if client is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-        return client
+    async def _authenticate(self, context) -> Caller:
+        try:
+            caller = self.auth.identify(context.invocation_metadata(), context.auth_context())
+        except AuthError as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        self._drop_revoked()
+        return caller
 
     def memory_in_use(self) -> int:
         """Bytes reserved by the open sessions (checked against ``memory_budget`` at each open)."""
@@ -149,19 +157,30 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         return self.info()
 
     async def Session(self, request_iterator, context):
-        owner = await self._authenticate(context)
+        caller = await self._authenticate(context)
+        owner = caller.client
+        record = StreamRecord(owner)  # for the audit log
         session: BodySession | None = None
         closed = False
         try:
             async for msg in _parsed(request_iterator, context):
+                if not self._still_valid(caller):  # its token was revoked since the last message
+                    closed = True
+                    await context.abort(
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        f"the token of client {owner!r} was revoked; the session is closed",
+                    )
                 kind = msg.WhichOneof("kind")
                 if kind == "open":
                     if session is not None:
                         await context.abort(
                             grpc.StatusCode.FAILED_PRECONDITION, "session already open on this stream"
                         )
-                    session = await self._open(msg.open, owner, context)
-                    session.attached = True
+                    async with self.quotas.opening(owner):  # the client's quota checks and its attach as one
+                        session = await self._open(msg.open, owner, context)
+                        session.attached = True
+                    record.attach(session.id, session.config, session.resumed)
+                    self._audit("open", client=owner, **record.session)
                     self.coordinator.attach(session)
                     yield pb.ServerMessage(
                         seq=msg.seq,
@@ -181,6 +200,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                     closed = True
                     break
                 try:
+                    self._charge(session, kind, msg)
                     reply = await self._handle(session, kind, msg)
                 except (SessionError, codec.WireError) as exc:
                     self.stats["errors"] += 1
@@ -195,6 +215,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                         f"the server failed on this {kind} ({exc}); the session is closed — open a new one",
                     )
                 reply.seq = msg.seq
+                record.count(kind, msg, reply)
                 yield reply
         finally:
             if session is not None:
@@ -205,8 +226,13 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                 else:  # the stream broke: keep the session for a resume until the TTL evicts it
                     session.last_used = time.monotonic()
                     log.info("parked %s of %s", session.id, owner)
+            self._audit_stream(record, session is not None, closed, context)
 
     async def _open(self, req: pb.OpenSession, owner: str, context) -> BodySession:
+        attached, _ = self.client_usage(owner)
+        refused = self.quotas.admit_stream(owner, attached)
+        if refused:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
         if req.HasField("resume_session_id"):
             return await self._resume(req.resume_session_id, owner, context)
         try:
@@ -226,6 +252,9 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                 f"session needs {need / 2**20:.1f} MiB of {what}; {self.memory_in_use() / 2**20:.1f} MiB "
                 f"of the {self.memory_budget / 2**20:.1f} MiB budget is in use — retry later or lower max_length",
             )
+        refused = self.quotas.admit_memory(owner, self.client_usage(owner)[1], need)
+        if refused:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
         try:
             session = await self.run(
                 lambda: BodySession(
@@ -384,7 +413,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
 
     async def Adapters(self, request, context):
         """Head/tail FedAvg: answer each upload with the round's example-weighted average."""
-        owner = await self._authenticate(context)
+        owner = (await self._authenticate(context)).client
         try:
             return await self.coordinator.head_tail.upload(owner, request)
         except codec.WireError as exc:
@@ -408,3 +437,73 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             if not session.attached and now - session.last_used > self.config.session_ttl:
                 log.warning("evicting idle session %s of %s", session.id, session.owner)
                 self._close(session)
+                self._audit("evicted", client=session.owner, session=session.id, reason="ttl")
+        if self.tokens is not None:  # a revocation frees parked sessions even when no call comes
+            self.tokens.refresh()
+            self._drop_revoked()
+
+    # ------------------------------------------------------------------ safe exposure hooks
+
+    def _still_valid(self, caller: Caller) -> bool:
+        """Whether the caller of an open stream may go on (its token not revoked since it was checked)."""
+        valid = self.auth.still_valid(caller)
+        self._drop_revoked()
+        return valid
+
+    def _drop_revoked(self) -> None:
+        """After the token file changed: free the parked sessions of clients that no longer hold a token.
+
+        Attached sessions of such a client end at their next message (:meth:`_still_valid`).
+        """
+        if self.tokens is None or self.tokens.generation == self._token_generation:
+            return
+        self._token_generation = self.tokens.generation
+        holders = self.tokens.clients
+        for session in list(self.sessions.values()):
+            if not session.attached and session.owner not in holders:
+                log.warning(
+                    "closing parked session %s of %s: its token was revoked", session.id, session.owner
+                )
+                self._close(session)
+                self._audit("evicted", client=session.owner, session=session.id, reason="revoked")
+
+    def client_usage(self, client: str) -> tuple[int, int]:
+        """(sessions of ``client`` on open streams, bytes reserved by all its open sessions)."""
+        attached = reserved = 0
+        for session_id, session in self.sessions.items():
+            if session.owner == client:
+                attached += session.attached
+                reserved += self._reserved.get(session_id, 0)
+        return attached, reserved
+
+    def _charge(self, session: BodySession, kind: str, msg) -> None:
+        """The client's rate quotas: a decode step costs its rows in tokens, an optimiser step one step."""
+        if kind == "step":
+            what, cost = "steps", 1
+        elif kind == "forward" and session.config.mode == "generate" and msg.forward.use_cache:
+            shape = msg.forward.hidden.shape
+            what, cost = "tokens", (shape[0] if len(shape) == 3 and shape[1] == 1 else 0)
+        else:
+            return
+        refused = self.quotas.charge(session.owner, what, cost)
+        if refused:
+            raise SessionError("RESOURCE_EXHAUSTED", refused)
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        """One audit-log line (if ``--audit-log``); a failing write is logged, never fatal to a session."""
+        if self.audit is None:
+            return
+        try:
+            self.audit.write(event, **fields)
+        except (OSError, ValueError):
+            log.exception("cannot write the audit log %s", self.audit.path)
+
+    def _audit_stream(self, record: StreamRecord, opened: bool, closed: bool, context) -> None:
+        """The audit line of a session stream that ended: ``close``, or ``refused`` if none opened."""
+        code = context.code()
+        aborted = code is not None and code != grpc.StatusCode.OK
+        if opened:
+            status = code.name if aborted else ("ok" if closed else "parked")
+            self._audit("close", **record.fields(status))
+        elif aborted:
+            self._audit("refused", client=record.client, status=code.name, reason=context.details())
