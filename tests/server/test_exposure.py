@@ -196,6 +196,23 @@ def test_mutual_tls_names_the_client_by_its_certificate_and_refuses_others(tmp_p
         assert prefill(session).shape == (1, 3, 64)
         session.close()
         channel.close()
+        # the client's own transport presents the certificate (train/generate --tls-cert/--tls-key)
+        own = RemoteTransport(
+            address,
+            tls_ca=pki["fedsplit-ca.crt"],
+            tls_cert=pki["alice.crt"],
+            tls_key=pki["alice.key"],
+            fingerprint=fingerprint,
+            wire_dtype="fp32",
+            retries=0,
+            timeout=DEADLINE,
+        )
+        session = own.open(GENERATE)
+        assert session.id.endswith("-alice")
+        session.close()
+        own.channel.close()
+        with pytest.raises(ValueError, match="both a client certificate and its key"):
+            RemoteTransport(address, tls_cert=pki["alice.crt"])
         # no client certificate, or one the CA did not sign: the TLS handshake fails
         for client in (None, "mallory"):
             with _mtls_channel(address, pki, client) as other:

@@ -90,6 +90,13 @@ class AuditConfig:
     )
     token: str | None = field(default=None, metadata={"help": "bearer token", "envvar": "FEDSPLIT_TOKEN"})
     tls_ca: str | None = field(default=None, metadata={"help": "CA certificate for TLS"})
+    tls_cert: str | None = field(
+        default=None,
+        metadata={"help": "client certificate (PEM) for mutual TLS", "envvar": "FEDSPLIT_TLS_CERT"},
+    )
+    tls_key: str | None = field(
+        default=None, metadata={"help": "key of --tls-cert (PEM)", "envvar": "FEDSPLIT_TLS_KEY"}
+    )
     seed: int = field(default=0, metadata={"help": "which texts are known, and the attacker's seed"})
     device: str = device_field(
         "where the client and the attacker compute (and the body with --local): auto, cpu, cuda, cuda:N"
@@ -149,6 +156,8 @@ def audit(
         wire_dtype=cfg.wire_dtype,
         token=cfg.token,
         tls_ca=cfg.tls_ca,
+        tls_cert=cfg.tls_cert,
+        tls_key=cfg.tls_key,
         seed=cfg.seed,
         device=cfg.device,
         dtype=cfg.dtype,

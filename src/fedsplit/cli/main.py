@@ -57,6 +57,8 @@ def generate(
         adapters=cfg.adapters,
         device=cfg.device,
         dtype=cfg.dtype,
+        tls_cert=cfg.tls_cert,
+        tls_key=cfg.tls_key,
     )
     ids, pad = lm.encode_chat(prompt)
     mask = _mask(ids, pad)

@@ -61,6 +61,8 @@ class SplitModelForCausalLM:
         reconnect: bool = True,
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> SplitModelForCausalLM:
         """Load head and tail of ``spec``; ``server=None`` loads the body here too.
 
@@ -114,7 +116,13 @@ class SplitModelForCausalLM:
             from .remote import RemoteTransport
 
             transport = RemoteTransport(
-                server, token=token, tls_ca=tls_ca, wire_dtype=wire_dtype, fingerprint=model_fingerprint(spec)
+                server,
+                token=token,
+                tls_ca=tls_ca,
+                wire_dtype=wire_dtype,
+                fingerprint=model_fingerprint(spec),
+                tls_cert=tls_cert,
+                tls_key=tls_key,
             )
             if reconnect:
                 from .resilience import ReplayingTransport

@@ -128,6 +128,13 @@ class TrainConfig:
     )
     token: str | None = field(default=None, metadata={"help": "bearer token", "envvar": "FEDSPLIT_TOKEN"})
     tls_ca: str | None = field(default=None, metadata={"help": "CA certificate for TLS"})
+    tls_cert: str | None = field(
+        default=None,
+        metadata={"help": "client certificate (PEM) for mutual TLS", "envvar": "FEDSPLIT_TLS_CERT"},
+    )
+    tls_key: str | None = field(
+        default=None, metadata={"help": "key of --tls-cert (PEM)", "envvar": "FEDSPLIT_TLS_KEY"}
+    )
     out: str | None = field(
         default=None,
         metadata={"help": "where adapters (head/, body/, tail/) and summary.json go (unset: nowhere)"},
@@ -260,6 +267,13 @@ class GenerateConfig:
     token: str | None = field(default=None, metadata={"help": "bearer token", "envvar": "FEDSPLIT_TOKEN"})
     tls_ca: str | None = field(
         default=None, metadata={"help": "CA certificate to verify the server's TLS certificate"}
+    )
+    tls_cert: str | None = field(
+        default=None,
+        metadata={"help": "client certificate (PEM) for mutual TLS", "envvar": "FEDSPLIT_TLS_CERT"},
+    )
+    tls_key: str | None = field(
+        default=None, metadata={"help": "key of --tls-cert (PEM)", "envvar": "FEDSPLIT_TLS_KEY"}
     )
     wire_dtype: str = field(default="fp16", metadata={"help": "fp32 | fp16 | bf16 | int8"})
     adapters: str | None = field(

@@ -57,7 +57,13 @@ class RemoteTransport:
         backoff: float = 0.5,
         timeout: float | None = None,
         max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
+        """``tls_ca`` verifies the server (TLS); ``tls_cert`` + ``tls_key`` (PEM) are this client's
+        certificate for a server that asks for one (mutual TLS, ``serve --tls-client-ca``)."""
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("mutual TLS needs both a client certificate and its key (--tls-cert, --tls-key)")
         self.address, self.token, self.wire_dtype, self.fingerprint = address, token, wire_dtype, fingerprint
         self.retries, self.backoff, self.timeout = retries, backoff, timeout
         self.traffic = Traffic()
@@ -70,9 +76,17 @@ class RemoteTransport:
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 20_000),
         ]
-        if tls_ca:
-            with open(tls_ca, "rb") as f:
-                creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+        if tls_ca or tls_cert:
+
+            def read(path: str | None) -> bytes | None:
+                if path is None:
+                    return None
+                with open(path, "rb") as f:
+                    return f.read()
+
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=read(tls_ca), private_key=read(tls_key), certificate_chain=read(tls_cert)
+            )
             self.channel = grpc.secure_channel(address, creds, options=options)
         else:
             self.channel = grpc.insecure_channel(address, options=options)

@@ -98,6 +98,8 @@ def build_client(cfg: TrainConfig, transport=None, lora: bool = True) -> SplitCl
                 cfg.server,
                 token=cfg.token,
                 tls_ca=cfg.tls_ca,
+                tls_cert=cfg.tls_cert,
+                tls_key=cfg.tls_key,
                 wire_dtype=cfg.wire_dtype,
                 fingerprint=model_fingerprint(cfg.model),
             )
