@@ -108,3 +108,18 @@ def test_the_target_needs_both_tiers_low_and_the_cost_within_a_point():
         row("c", 0.80, 0.1, 0.3),  # known-plaintext too high
     ]
     assert ft.target_rows(rows) == ["a"]
+
+
+def test_epsilon_is_reported_where_the_mechanism_has_one():
+    from fedsplit.model.split import load_part
+    from fedsplit.privacy import parse_defense
+
+    table = load_part("tiny-llama", "head", head_layers=1, tail_layers=0).embed_tokens.weight.detach()
+
+    def eps(spec):
+        return ft.epsilon_of(parse_defense(spec, hidden_size=64, embedding=table))
+
+    assert eps("textdx:4+bypass") == "4·d per token (metric DP)"
+    assert eps("dx:20") == "20·d per vector (metric DP)"
+    assert eps("dp:clip=50,sigma=0.05").endswith("-DP per vector")
+    assert eps("gaussian:1:relative+bypass") == "" and ft.epsilon_of(None) == ""

@@ -8,6 +8,7 @@ import typer
 
 from fedsplit.bench.config import (
     AttackConfig,
+    CapacityBenchConfig,
     DemoConfig,
     GenerateBenchConfig,
     LoadBenchConfig,
@@ -40,6 +41,7 @@ COMMANDS = {
     "bench quality": (QualityBenchConfig, JSON),
     "bench privacy": (PrivacyBenchConfig, JSON),
     "bench train-modes": (TrainModesConfig, JSON),
+    "bench capacity": (CapacityBenchConfig, JSON),
 }
 
 

@@ -336,3 +336,62 @@ class TrainModesConfig:
             device=cfg.device,
             dtype=cfg.dtype,
         )
+
+
+def parse_session_counts(text: str) -> tuple[int, ...]:
+    """``"1,8,32"`` -> ``(1, 8, 32)``: positive, sorted, without repeats; ValueError says what is accepted."""
+    try:
+        counts = {int(x) for x in text.split(",")}
+    except ValueError:
+        counts = set()
+    if not counts or min(counts) < 1:
+        raise ValueError(f"takes positive integers separated by commas (e.g. 1,8,32), not {text!r}")
+    return tuple(sorted(counts))
+
+
+@dataclass
+class CapacityBenchConfig:
+    """`fedsplit bench capacity`: every field is an option; :meth:`check` refuses what cannot run."""
+
+    model: str = field(default="smollm2-135m", metadata={"help": MODEL_HELP})
+    sessions: tuple[int, ...] = field(
+        default=(1, 8, 32),
+        metadata={
+            "help": "concurrent sessions to measure, comma-separated (1 is always measured too: "
+            "the baseline of the ratios)",
+            "parse": parse_session_counts,
+            "metavar": "N,...",
+        },
+    )
+    stages: int = field(
+        default=1, metadata={"help": "pipeline stages the body is split into (only 1 is built so far)"}
+    )
+    prompt_tokens: int = field(default=32, metadata={"help": "prefill length of each generation session"})
+    new_tokens: int = field(default=64, metadata={"help": "decode steps timed per generation session"})
+    train_steps: int = field(
+        default=8, metadata={"help": "training steps per training session (0: skip the training table)"}
+    )
+    train_length: int = field(default=64, metadata={"help": "tokens per training step (batch 1)"})
+    repeats: int = field(
+        default=1, metadata={"help": "sweeps over --sessions, one after the other; medians are reported"}
+    )
+    head_layers: int = field(default=2, metadata={"help": "p: the body span starts here"})
+    tail_layers: int = field(default=2, metadata={"help": "q: the body span ends q layers before the top"})
+    wire_dtype: str = field(default="fp16", metadata={"help": "fp32 | fp16 | bf16 | int8"})
+    device: str = device_field("where the server's body computes: auto, cpu, cuda, cuda:N")
+    dtype: str = dtype_field(
+        "compute dtype of the server's body: auto (bf16 on CUDA, fp32 on cpu), fp32, bf16, fp16"
+    )
+
+    def check(self) -> None:
+        """ValueError, one line, for a value no run can use (before anything is loaded)."""
+        if self.stages != 1:
+            raise ValueError(
+                f"--stages {self.stages}: only --stages 1 runs for now (pipeline stages of the body "
+                "are not built yet)"
+            )
+        for name in ("prompt_tokens", "new_tokens", "train_length", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.train_steps < 0:
+            raise ValueError("--train-steps must be 0 (no training table) or more")

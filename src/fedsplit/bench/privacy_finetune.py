@@ -152,11 +152,14 @@ def epsilon_of(defense) -> str:
         return ""
     parts = []
     members = getattr(defense, "defenses", [defense])
+    def value(attribute) -> float:  # a property on some mechanisms, a method on others
+        return float(attribute() if callable(attribute) else attribute)
+
     for member in members:
         if hasattr(member, "epsilon_per_token"):
-            parts.append(f"{member.epsilon_per_token():g}·d per token (metric DP)")
+            parts.append(f"{value(member.epsilon_per_token):g}·d per token (metric DP)")
         elif hasattr(member, "metric_epsilon"):
-            parts.append(f"{member.metric_epsilon():g}·d per vector (metric DP)")
+            parts.append(f"{value(member.metric_epsilon):g}·d per vector (metric DP)")
         else:
             spent = member.privacy_spent(steps=1)
             if spent is not None:

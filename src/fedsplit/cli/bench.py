@@ -13,6 +13,7 @@ import typer
 
 from ..bench.config import (
     AttackConfig,
+    CapacityBenchConfig,
     DemoConfig,
     GenerateBenchConfig,
     LoadBenchConfig,
@@ -121,3 +122,12 @@ def demo(cfg: DemoConfig) -> None:
     from ..bench.demo import run_demo
 
     call(run_demo, cfg)
+
+
+@bench_app.command("capacity")
+@config_options(CapacityBenchConfig)
+def bench_capacity(cfg: CapacityBenchConfig, json_out: Optional[Path] = _json()) -> None:
+    """What one server carries: decode tokens/s, latency and training steps/s for N synthetic sessions."""
+    from ..bench.capacity import run, show
+
+    show(call(run, cfg), json_out)
