@@ -141,9 +141,11 @@ def test_an_undefended_split_client_warns_once_per_process(monkeypatch, caplog):
     assert (
         "undefended" in message and "p=2 (the nearest measured to p=1)" in message and "--defense" in message
     )
-    assert "at p=2 a curious server's strongest public attack recovers about 90% of the tokens" in (
+    measured = f"{defaults.UNDEFENDED_F1[2]:.0%}"
+    assert f"at p=2 a curious server's strongest public attack recovers about {measured} of the tokens" in (
         defaults.undefended_message(2)
     )
+    assert f"about {defaults.UNDEFENDED_F1[4]:.0%}" in defaults.undefended_message(5)
 
 
 def test_resolve_defense_spec(monkeypatch):
