@@ -152,6 +152,7 @@ def epsilon_of(defense) -> str:
         return ""
     parts = []
     members = getattr(defense, "defenses", [defense])
+
     def value(attribute) -> float:  # a property on some mechanisms, a method on others
         return float(attribute() if callable(attribute) else attribute)
 

@@ -13,7 +13,14 @@ from typing import Optional
 
 import typer
 
-from ..client.config import MODEL_HELP, defense_field, device_field, dtype_field
+from ..client.config import (
+    MODEL_HELP,
+    defense_field,
+    device_field,
+    dtype_field,
+    tls_cert_field,
+    tls_key_field,
+)
 from .app import app
 from .errors import call, fail
 from .options import config_options
@@ -90,13 +97,8 @@ class AuditConfig:
     )
     token: str | None = field(default=None, metadata={"help": "bearer token", "envvar": "FEDSPLIT_TOKEN"})
     tls_ca: str | None = field(default=None, metadata={"help": "CA certificate for TLS"})
-    tls_cert: str | None = field(
-        default=None,
-        metadata={"help": "client certificate (PEM) for mutual TLS", "envvar": "FEDSPLIT_TLS_CERT"},
-    )
-    tls_key: str | None = field(
-        default=None, metadata={"help": "key of --tls-cert (PEM)", "envvar": "FEDSPLIT_TLS_KEY"}
-    )
+    tls_cert: str | None = tls_cert_field()
+    tls_key: str | None = tls_key_field()
     seed: int = field(default=0, metadata={"help": "which texts are known, and the attacker's seed"})
     device: str = device_field(
         "where the client and the attacker compute (and the body with --local): auto, cpu, cuda, cuda:N"

@@ -71,6 +71,19 @@ def dtype_field(help: str = DTYPE_HELP):
     return field(default="auto", metadata={"help": help, "parse": check_dtype})
 
 
+def tls_cert_field():
+    """A client certificate (PEM) for mutual TLS; ``FEDSPLIT_TLS_CERT`` too."""
+    return field(
+        default=None,
+        metadata={"help": "client certificate (PEM) for mutual TLS", "envvar": "FEDSPLIT_TLS_CERT"},
+    )
+
+
+def tls_key_field():
+    """The key of the client certificate (PEM); ``FEDSPLIT_TLS_KEY`` too."""
+    return field(default=None, metadata={"help": "key of --tls-cert (PEM)", "envvar": "FEDSPLIT_TLS_KEY"})
+
+
 @dataclass
 class TrainConfig:
     """One fine-tuning run; every field is a `fedsplit train` option."""
@@ -128,13 +141,8 @@ class TrainConfig:
     )
     token: str | None = field(default=None, metadata={"help": "bearer token", "envvar": "FEDSPLIT_TOKEN"})
     tls_ca: str | None = field(default=None, metadata={"help": "CA certificate for TLS"})
-    tls_cert: str | None = field(
-        default=None,
-        metadata={"help": "client certificate (PEM) for mutual TLS", "envvar": "FEDSPLIT_TLS_CERT"},
-    )
-    tls_key: str | None = field(
-        default=None, metadata={"help": "key of --tls-cert (PEM)", "envvar": "FEDSPLIT_TLS_KEY"}
-    )
+    tls_cert: str | None = tls_cert_field()
+    tls_key: str | None = tls_key_field()
     out: str | None = field(
         default=None,
         metadata={"help": "where adapters (head/, body/, tail/) and summary.json go (unset: nowhere)"},
@@ -268,13 +276,8 @@ class GenerateConfig:
     tls_ca: str | None = field(
         default=None, metadata={"help": "CA certificate to verify the server's TLS certificate"}
     )
-    tls_cert: str | None = field(
-        default=None,
-        metadata={"help": "client certificate (PEM) for mutual TLS", "envvar": "FEDSPLIT_TLS_CERT"},
-    )
-    tls_key: str | None = field(
-        default=None, metadata={"help": "key of --tls-cert (PEM)", "envvar": "FEDSPLIT_TLS_KEY"}
-    )
+    tls_cert: str | None = tls_cert_field()
+    tls_key: str | None = tls_key_field()
     wire_dtype: str = field(default="fp16", metadata={"help": "fp32 | fp16 | bf16 | int8"})
     adapters: str | None = field(
         default=None, metadata={"help": "directory with head/ and tail/ adapters from fedsplit train"}
