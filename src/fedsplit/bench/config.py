@@ -163,6 +163,22 @@ class PrivacyBenchConfig:
         default=0,
         metadata={"help": "with --after-finetune: fine-tuning steps per configuration (0: the grid's)"},
     )
+    labels: bool = field(
+        default=False,
+        metadata={
+            "help": "with --after-finetune: judge gradient defences instead: fine-tuned accuracy against "
+            "label inference from the gradients captured at the server (rows resume from OUT/labels.jsonl)"
+        },
+    )
+    grad_configs: str | None = field(
+        default=None,
+        metadata={
+            "help": "with --labels: only these gradient defences, separated by ';', each optionally with a "
+            "hidden-state defence after '@' (e.g. 'none;gaussian:0.3:relative;"
+            "gaussian:0.3:relative@textdx:4+bypass')",
+            "metavar": "GRAD[@SPEC];...",
+        },
+    )
     model: str = field(default="smollm2-135m", metadata={"help": MODEL_HELP})
     task: str = field(default="sentiment", metadata={"help": "victim texts and utility task"})
     seed: int = field(default=0, metadata={"help": "seed of the victims, the attacks and the noise"})

@@ -213,21 +213,23 @@ def _metric(task_name: str, after: dict) -> tuple[str, float]:
     raise ValueError(f"no task metric in {sorted(after)} for {task_name}")
 
 
-def run_job(
+def fine_tune(
     job: tuple[str, int, str],
     cfg: PrivacyBenchConfig,
     budget: Budget,
-    capture: Capture,
-    public_text: list[str],
-    out: Path,
+    run_dir: Path,
     progress: bool,
-) -> dict:
-    """Fine-tune one configuration, capture what it sends over gRPC, attack it at every tier: one row."""
-    from ..tasks import load_task
+    *,
+    server: str | None = None,
+    configure=None,
+) -> tuple[TrainConfig, object, str, float]:
+    """Fine-tune one configuration with its defence on: ``(train config, client, metric name, value)``.
 
+    The same steps, seed, data and order for every configuration of a ``budget``. The body is in
+    this process, or behind the gRPC server at ``server`` (``HOST:PORT``); ``configure(client)``,
+    if given, adjusts the client before it trains (e.g. sets a gradient defence).
+    """
     task_name, p, spec = job
-    started = time.perf_counter()
-    run_dir = out / "runs" / f"{task_name}-p{p}-{spec.replace(':', '_').replace('+', '__').replace(',', '_')}"
     train = TrainConfig(
         model=cfg.model,
         head_layers=p,
@@ -243,10 +245,32 @@ def run_job(
         out=str(run_dir),
         device=cfg.device,
         dtype=cfg.dtype,
+        server=server,
     )
     client = build_client(train)
+    if configure is not None:
+        configure(client)
     summary = run_training(train, client, progress=progress)
     metric_name, metric = _metric(task_name, summary["after"])
+    return train, client, metric_name, metric
+
+
+def run_job(
+    job: tuple[str, int, str],
+    cfg: PrivacyBenchConfig,
+    budget: Budget,
+    capture: Capture,
+    public_text: list[str],
+    out: Path,
+    progress: bool,
+) -> dict:
+    """Fine-tune one configuration, capture what it sends over gRPC, attack it at every tier: one row."""
+    from ..tasks import load_task
+
+    task_name, p, spec = job
+    started = time.perf_counter()
+    run_dir = out / "runs" / f"{task_name}-p{p}-{spec.replace(':', '_').replace('+', '__').replace(',', '_')}"
+    train, client, metric_name, metric = fine_tune(job, cfg, budget, run_dir, progress)
     trained = time.perf_counter() - started
 
     tokenizer = load_tokenizer(cfg.model)

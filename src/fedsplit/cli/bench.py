@@ -80,9 +80,22 @@ def bench_privacy(
     """Attacks x defences x strengths x p: a table and privacy-utility plots with the Pareto frontier.
 
     With --after-finetune each defence is judged on the model fine-tuned with it on: task metric
-    and cost in points, strongest attack at the public, known-plaintext and oracle tiers."""
+    and cost in points, strongest attack at the public, known-plaintext and oracle tiers. With
+    --after-finetune --labels each gradient defence is judged the same way, against label inference
+    from the gradients the server received during the fine-tuning."""
     from ..bench.report import write_json
 
+    if cfg.labels:
+        from ..bench.label_finetune import sweep as sweep_labels
+
+        summary = call(sweep_labels, cfg)
+        write_json(summary, json_out)
+        out = Path(cfg.out or "results/privacy-ft")
+        print((out / "labels.md").read_text())
+        target = summary["target"]
+        print(f"within 1 point and label attack within 5 points of chance: {', '.join(target) or 'none'}")
+        print(f"{len(summary['rows'])} rows ({summary['seconds']:.0f}s this run); labels.jsonl in {out}")
+        return
     if cfg.after_finetune:
         from ..bench.privacy_finetune import sweep as sweep_ft
 
