@@ -194,6 +194,7 @@ def test_the_cli_refuses_labels_without_after_finetune_and_bad_grad_configs(tmp_
     for args in (
         ["--labels"],
         ["--after-finetune", "--labels", "--grad-configs", "laplace:1"],
+        ["--after-finetune", "--grad-configs", "none"],  # ignored without --labels: refused instead
     ):
         result = runner.invoke(
             app, ["bench", "privacy", "--model", "tiny-llama", "--out", str(tmp_path), *args]

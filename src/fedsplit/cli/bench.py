@@ -22,7 +22,7 @@ from ..bench.config import (
     QualityBenchConfig,
 )
 from .app import app, bench_app
-from .errors import call
+from .errors import call, fail
 from .options import config_options
 
 
@@ -85,6 +85,8 @@ def bench_privacy(
     from the gradients the server received during the fine-tuning."""
     from ..bench.report import write_json
 
+    if cfg.grad_configs and not cfg.labels:
+        fail("--grad-configs names gradient defences for --labels; add --after-finetune --labels")
     if cfg.labels:
         from ..bench.label_finetune import sweep as sweep_labels
 
