@@ -23,13 +23,15 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/fedsplit demo
 
+# The Ray tests (pipeline stages, marked `ray`) need the ray extra, installed here only.
 test: setup
+	$(BIN)/pip install -q 'ray==2.60.0'
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-# Everything but the tests that load the real model (slow) or spawn processes (e2e), on two
+# Everything but the tests that load the real model (slow), spawn processes (e2e) or start Ray, on two
 # pytest-xdist workers (each sets one torch thread): under 2 minutes on 2 cores.
 test-fast: setup
-	$(BIN)/pytest -q -n 2 -m "not slow and not e2e" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n 2 -m "not slow and not e2e and not ray" $(PYTEST_ARGS)
 
 proto: setup
 	bash scripts/gen_proto.sh

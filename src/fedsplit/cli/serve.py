@@ -53,6 +53,8 @@ def serve(
     ):
         if value < 0:
             fail(f"{flag} must be >= 0 (0 = no limit)")
+    if cfg.stages < 1:
+        fail("--stages must be >= 1")
     if threads:
         import torch
 
@@ -65,7 +67,7 @@ def serve(
         fail("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS runs over TLS")
     if problem and not cfg.insecure:
         fail(problem)  # before loading the model; with --insecure, start_server logs a warning
-    servicer = call(build_servicer, cfg, str(tokens) if tokens else None)
+    servicer = call(build_servicer, cfg, str(tokens) if tokens else None, threads=threads)
     asyncio.run(
         serve_forever(servicer, cfg, str(tls_cert) if tls_cert else None, str(tls_key) if tls_key else None)
     )

@@ -328,3 +328,14 @@ def load_split(
     body = load_part(spec, "body", head_layers, tail_layers, dtype=dtype, device=device)
     tail = load_part(spec, "tail", head_layers, tail_layers, dtype=dtype, device=device)
     return SplitModel(head, body, tail, head.config)
+
+
+def layer_parameter_counts(spec: str) -> list[int]:
+    """Parameters of each decoder layer of ``spec``, from its config (a skeleton on the meta device:
+    nothing is read or allocated). Pipeline stages of the body are balanced by these counts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve_checkpoint(spec))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return [sum(p.numel() for p in layer.parameters()) for layer in _decoder(skeleton).layers]

@@ -23,6 +23,17 @@ def parse_layers(text: str) -> tuple[int, int]:
     return start, end
 
 
+def parse_stage_layers(text: str) -> tuple[tuple[int, int], ...]:
+    """``"0:10,10:20,20:30"`` -> ``((0, 10), (10, 20), (20, 30))``: contiguous, non-empty spans."""
+    spans = tuple(parse_layers(part) for part in text.split(","))
+    for (start, end), following in zip(spans, spans[1:] + ((None, None),)):
+        if end <= start:
+            raise ValueError(f"takes contiguous non-empty spans A:B,B:C,... (e.g. 0:15,15:30), not {text!r}")
+        if following[0] is not None and following[0] != end:
+            raise ValueError(f"takes contiguous spans, each starting where the previous ends, not {text!r}")
+    return spans
+
+
 def parse_size(text: str) -> int:
     """Bytes from ``"4GiB"``, ``"512MiB"``, ``"1.5GB"`` or plain ``"1048576"`` (humanfriendly's syntax:
     KiB/MiB/GiB are powers of 1024, KB/MB/GB of 1000)."""
@@ -74,6 +85,32 @@ class ServerConfig:
             "parse": parse_layers,
             "format": lambda span: f"{span[0]}:{span[1]}",
             "metavar": "A:B",
+        },
+    )
+    stages: int = field(
+        default=1,
+        metadata={
+            "help": "pipeline stages: split the body into S contiguous spans (balanced by parameters), "
+            "each a Ray actor with one GPU when the cluster has them (needs the ray extra); "
+            "1 = one process, no Ray"
+        },
+    )
+    ray_address: str | None = field(
+        default=None,
+        metadata={
+            "help": "with --stages: the Ray cluster to run the stages on (auto, or HOST:PORT of its head); "
+            "default: start a local Ray instance",
+            "metavar": "auto|HOST:PORT",
+        },
+    )
+    stage_layers: tuple[tuple[int, int], ...] | None = field(
+        default=None,
+        metadata={
+            "help": "with --stages: the layers of each stage, contiguous, covering the held layers "
+            "(default: balanced by parameters)",
+            "parse": parse_stage_layers,
+            "format": lambda spans: ",".join(f"{a}:{b}" for a, b in spans),
+            "metavar": "A:B,B:C,...",
         },
     )
     device: str = field(

@@ -24,12 +24,23 @@ from .service import SplitServicer, body_worker
 log = logging.getLogger(__name__)
 
 
-def build_servicer(config: ServerConfig, tokens_file: str | None = None, body=None) -> SplitServicer:
+def build_servicer(
+    config: ServerConfig, tokens_file: str | None = None, body=None, threads: int = 0
+) -> SplitServicer:
     """Load only the held body layers, on ``config.device`` in ``config.dtype``, and wrap them in the service.
 
     A ``body`` given here is served where it already is (its device and dtype win over the config's).
+    With ``config.stages`` > 1 the layers are loaded by Ray actors instead (:mod:`.stages`; ``threads``:
+    torch threads per stage, 0 = one per CPU the stage gets).
     """
     worker = body_worker()
+    if body is None and (config.stages > 1 or len(config.stage_layers or ()) > 1):
+        from .stages import build_staged_servicer  # imports Ray: only a staged server needs it
+
+        tokens = TokenStore.load(tokens_file) if tokens_file else None
+        return build_staged_servicer(config, model_fingerprint(config.model), tokens, worker, threads)
+    if config.ray_address:
+        raise ValueError("--ray-address runs the body's stages on Ray: give --stages 2 or more too")
     if body is None:
         device = resolve_device(config.device)  # a bad name fails before anything is loaded
         dtype = resolve_dtype(config.dtype, device)
@@ -169,7 +180,7 @@ async def serve_forever(servicer, config, tls_cert=None, tls_key=None, ready=Non
     saved = await servicer.checkpoint_all()  # streams are gone; the worker finishes any step first
     if saved:
         log.info("checkpointed %d training run(s) on shutdown", saved)
-    servicer.executor.shutdown(wait=True)
+    await servicer.aclose()
     if servicer.audit is not None:
         servicer.audit.close()
 

@@ -34,7 +34,7 @@ from .coordination.factory import make_coordinator
 from .opening import memory_needed, session_config, status_code
 from .placement import resolve_memory_budget
 from .quotas import ClientQuotas
-from .session import BodySession, SessionError
+from .session import BodySession, SessionError, SessionLost
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,8 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep, fingerprint
         )
         self.coordinator = make_coordinator(self)  # how the body trains for many clients
+        # Largest adapter a client may put (every weight of the held layers).
+        self.max_adapter_elements = sum(p.numel() for p in body.parameters())
 
     # ------------------------------------------------------------------ helpers
 
@@ -149,6 +151,18 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue ``fn(*args)`` on the body worker without waiting for it."""
         self.executor.submit(fn, *args)
+
+    async def new_session(self, config: SessionConfig, owner: str) -> BodySession:
+        """A session over the held layers, created on the body worker (a staged server overrides it)."""
+        return await self.run(
+            lambda: BodySession(
+                self.body, self.pool, config, owner, self.config.max_graphs, self.config.graph_ttl
+            )
+        )
+
+    async def aclose(self) -> None:
+        """Release the compute (after the streams are gone and the runs checkpointed)."""
+        self.executor.shutdown(wait=True)
 
     # ------------------------------------------------------------------ RPCs
 
@@ -206,6 +220,10 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                     self.stats["errors"] += 1
                     code = status_code(exc.code) if isinstance(exc.code, str) else exc.code
                     reply = pb.ServerMessage(error=pb.Error(code=code.value[0], message=str(exc)))
+                except SessionLost as exc:  # a pipeline stage restarted: the session must be opened again
+                    self.stats["errors"] += 1
+                    closed = True
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
                 except Exception as exc:  # a check we lack: the session's state is suspect, so free it
                     log.exception("%s failed on %s of %s", kind, session.id, owner)
                     self.stats["errors"] += 1
@@ -256,11 +274,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         if refused:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
         try:
-            session = await self.run(
-                lambda: BodySession(
-                    self.body, self.pool, config, owner, self.config.max_graphs, self.config.graph_ttl
-                )
-            )
+            session = await self.new_session(config, owner)
         except SessionError as exc:
             await context.abort(status_code(exc.code), exc.message)
         except ValueError as exc:  # e.g. LoRA target modules the body does not have
@@ -405,8 +419,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             )
         if kind == "put_adapter":
             put = msg.put_adapter
-            limit = sum(p.numel() for p in self.body.parameters())
-            state = codec.from_named_tensors(put.tensors, max_elements=limit)
+            state = codec.from_named_tensors(put.tensors, max_elements=self.max_adapter_elements)
             await self.run(session.put_adapter, lora_from_proto(put.lora), state)
             return pb.ServerMessage(step_done=pb.StepDone())
         raise SessionError("INVALID_ARGUMENT", f"unexpected message {kind!r}")

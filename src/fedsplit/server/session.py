@@ -29,6 +29,11 @@ class SessionError(Exception):
         self.message = message
 
 
+class SessionLost(Exception):
+    """The session's state is gone (a pipeline stage of the body restarted): the service ends its
+    stream with UNAVAILABLE and the client opens it again (a named run resumes from its checkpoint)."""
+
+
 def warm_up(optimizer: torch.optim.Optimizer, lr: float, warmup_steps: int) -> None:
     """Set the lr of the optimiser's next step: ``lr * min(1, k / warmup_steps)`` for its k-th step.
 
