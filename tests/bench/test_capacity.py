@@ -42,7 +42,7 @@ def test_capacity_reports_throughput_latency_and_ratios_per_session_count(tmp_pa
     )
     assert result.exit_code == 0, result.output + repr(result.exception)
     figures = json.loads(out.read_text())
-    assert figures["sessions"] == "1,2" and figures["stages"] == 1 and figures["span"] == "1:3"
+    assert figures["sessions"] == "1,2" and figures["stages"] == "1" and figures["span"] == "1:3"
     for n in (1, 2):
         assert figures[f"decode_tokens_per_s_n{n}"] > 0
         assert figures[f"token_p99_ms_n{n}"] >= figures[f"token_p50_ms_n{n}"] > 0
@@ -58,11 +58,34 @@ def test_capacity_reports_throughput_latency_and_ratios_per_session_count(tmp_pa
     assert "vs 1 session" in result.output
 
 
-def test_capacity_refuses_more_than_one_stage_in_one_line():
-    result = runner.invoke(app, ["bench", "capacity", "--model", "tiny-llama", "--stages", "2"])
+def test_capacity_without_ray_refuses_stages_in_one_line(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails
+    result = runner.invoke(app, ["bench", "capacity", "--model", "tiny-llama", "--stages", "1,2"])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "--stages 2" in lines[0] and "only --stages 1" in lines[0]
+    assert len(lines) == 1 and "--stages 1,2" in lines[0] and "need Ray" in lines[0]
+
+
+@pytest.mark.ray
+def test_capacity_measures_one_process_and_two_stages_and_the_stage_hop(tmp_path):
+    out = tmp_path / "capacity.json"
+    args = ["--model", "tiny-llama", "--sessions", "2", "--stages", "1,2", "--head-layers", "1"]
+    args += ["--tail-layers", "1", "--prompt-tokens", "8", "--new-tokens", "6", "--train-steps", "1"]
+    args += ["--train-length", "8", "--device", "cpu", "--json", str(out)]
+    result = runner.invoke(app, ["bench", "capacity", *args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    figures = json.loads(out.read_text())
+    assert figures["stages"] == "1,2" and figures["first_error"] == ""
+    for prefix in ("", "s2_"):
+        for n in (1, 2):
+            assert figures[f"{prefix}decode_tokens_per_s_n{n}"] > 0
+            assert figures[f"{prefix}train_steps_per_s_n{n}"] > 0
+            assert figures[f"{prefix}errors_n{n}"] == 0
+    hop = figures["stage_hop_ms_s2"]
+    assert hop == pytest.approx(figures["s2_token_p50_ms_n1"] - figures["token_p50_ms_n1"])
+    assert "2 Ray stages" in result.output and "a stage hop adds" in result.output
 
 
 def test_session_counts_are_positive_sorted_and_unique():

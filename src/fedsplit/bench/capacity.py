@@ -21,6 +21,11 @@ For each N in ``--sessions`` (1 is always measured: the baseline of the ratios):
 With ``--repeats`` the whole sweep runs again; throughputs are medians over the repeats and
 latency percentiles pool every step of every repeat. A client error is counted (``errors_nN``)
 and its session's work left out of the figures, not retried.
+
+With ``--stages 1,2`` the sweep runs against a one-process server, then against a
+``fedsplit serve --stages 2`` (its body in two Ray actor stages on a local Ray), in the same run;
+the second's figures are prefixed ``s2_``, and ``stage_hop_ms_s2`` is the latency one stage hop
+adds to a decode token.
 """
 
 from __future__ import annotations
@@ -229,21 +234,13 @@ def summarise(counts: tuple[int, ...], decode: dict, train: dict) -> dict:
     return figures
 
 
-def run(cfg: CapacityBenchConfig) -> dict:
-    """Sweep the session counts against one server process; returns one flat dict of figures."""
-    cfg.check()
-    counts = tuple(sorted({1, *cfg.sessions}))
-    config = load_config(cfg.model)
-    span = body_span(num_layers(config), cfg.head_layers, cfg.tail_layers)
-    hidden = int(config.hidden_size)
-    device = resolve_device(cfg.device)  # what the server resolves "auto" to on this same machine
-    dtype = resolve_dtype(cfg.dtype, device)
-    fingerprint = model_fingerprint(cfg.model)
-    inputs = Inputs.random(max(counts), hidden, cfg)
+def _sweep(cfg: CapacityBenchConfig, counts: tuple[int, ...], span, fingerprint, inputs, stages: int):
+    """Every N of ``counts`` (``cfg.repeats`` times) against one server process of ``stages`` stages:
+    ``(decode, train)``, a list of RunResult per N each (``train`` empty without training)."""
     decode: dict[int, list[RunResult]] = {n: [] for n in counts}
     train: dict[int, list[RunResult]] = {n: [] for n in counts} if cfg.train_steps else {}
-    started = time.monotonic()
-    with server_process(cfg.model, *placement_args(cfg.device, cfg.dtype)) as (address, _):
+    args = [*placement_args(cfg.device, cfg.dtype), *(["--stages", str(stages)] if stages > 1 else [])]
+    with server_process(cfg.model, *args) as (address, _):
         common = (address, fingerprint, span, cfg, inputs)
         # Untimed: the server's first requests pay for allocations (and CUDA kernel loading).
         warm = run_clients(_decode_client, 1, common, min(_WARMUP_TOKENS, cfg.new_tokens))
@@ -255,21 +252,55 @@ def run(cfg: CapacityBenchConfig) -> dict:
             for n in counts:
                 result = run_clients(_decode_client, n, common, cfg.new_tokens)
                 decode[n].append(result)
-                log.info("capacity: N=%d decode %.1f tokens/s", n, result.rate())
+                log.info("capacity: %d stage(s), N=%d decode %.1f tokens/s", stages, n, result.rate())
                 if train:
                     result = run_clients(_train_client, n, common, cfg.train_steps)
                     train[n].append(result)
-                    log.info("capacity: N=%d train %.2f steps/s", n, result.rate())
-    first_error = next(
-        (e for runs in (*decode.values(), *train.values()) for r in runs for e in r.errors), None
-    )
+                    log.info("capacity: %d stage(s), N=%d train %.2f steps/s", stages, n, result.rate())
+    return decode, train
+
+
+def stage_prefix(stages: int) -> str:
+    """Prefix of a stage count's figures: none for one process (the keys of a run without stages)."""
+    return "" if stages == 1 else f"s{stages}_"
+
+
+def run(cfg: CapacityBenchConfig) -> dict:
+    """Sweep the session counts against one server process per stage count; one flat dict of figures.
+
+    Figures of ``--stages 1`` keep their plain keys; those of S stages are prefixed ``sS_``. With
+    more than one stage count, ``stage_hop_ms_sS`` is the per-token latency one stage hop adds:
+    (median decode latency of one session with S stages - with 1) / (S - 1).
+    """
+    cfg.check()
+    counts = tuple(sorted({1, *cfg.sessions}))
+    stage_counts = tuple(sorted({1, *cfg.stages})) if cfg.stages != (1,) else (1,)
+    config = load_config(cfg.model)
+    span = body_span(num_layers(config), cfg.head_layers, cfg.tail_layers)
+    hidden = int(config.hidden_size)
+    device = resolve_device(cfg.device)  # what the server resolves "auto" to on this same machine
+    dtype = resolve_dtype(cfg.dtype, device)
+    fingerprint = model_fingerprint(cfg.model)
+    inputs = Inputs.random(max(counts), hidden, cfg)
+    started = time.monotonic()
+    figures: dict = {}
+    errors: list[BaseException] = []
+    for stages in stage_counts:
+        decode, train = _sweep(cfg, counts, span, fingerprint, inputs, stages)
+        prefix = stage_prefix(stages)
+        figures.update({prefix + k: v for k, v in summarise(counts, decode, train).items()})
+        errors += [e for runs in (*decode.values(), *train.values()) for r in runs for e in r.errors]
+    for stages in stage_counts[1:]:
+        added = figures[f"{stage_prefix(stages)}token_p50_ms_n1"] - figures["token_p50_ms_n1"]
+        figures[f"stage_hop_ms_s{stages}"] = added / (stages - 1)
+    first_error = errors[0] if errors else None
     if first_error is not None:
         log.warning("capacity: client errors, first: %s", first_error)
     return {
         "model": cfg.model,
         "span": f"{span[0]}:{span[1]}",
         "hidden_size": hidden,
-        "stages": cfg.stages,
+        "stages": ",".join(map(str, stage_counts)),
         "sessions": ",".join(map(str, counts)),
         "prompt_tokens": cfg.prompt_tokens,
         "new_tokens": cfg.new_tokens,
@@ -279,7 +310,7 @@ def run(cfg: CapacityBenchConfig) -> dict:
         "wire_dtype": cfg.wire_dtype,
         "device": str(device),
         "dtype": _DTYPE_NAMES.get(dtype, str(dtype)),
-        **summarise(counts, decode, train),
+        **figures,
         "first_error": str(first_error)[:200] if first_error is not None else "",
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -290,11 +321,29 @@ def _cell(value) -> str:
 
 
 def show(figures: dict, json_path=None) -> None:
-    """Print the decode table and (with training) the training table; write the figures as JSON."""
+    """Print the decode table and (with training) the training table of each stage count, the latency
+    a stage hop adds, and write the figures as JSON."""
     counts = [int(n) for n in figures["sessions"].split(",")]
     console = Console()
+    for stages in (int(s) for s in str(figures["stages"]).split(",")):
+        _show_stages(console, figures, counts, stages)
+    for key, value in figures.items():
+        if key.startswith("stage_hop_ms_s"):
+            stages = int(key.removeprefix("stage_hop_ms_s"))
+            console.print(
+                f"a stage hop adds {value:.3g} ms per decode token (1 session, p50: "
+                f"{stages} stages vs 1 process)"
+            )
+    if figures["first_error"]:
+        console.print(f"first client error: {figures['first_error']}")
+    write_json(figures, json_path)
+
+
+def _show_stages(console: Console, figures: dict, counts: list[int], stages: int) -> None:
+    pre = stage_prefix(stages)
+    body = "one process" if stages == 1 else f"{stages} Ray stages"
     where = (
-        f"{figures['model']}, body {figures['span']} on {figures['device']} in {figures['dtype']}, "
+        f"{figures['model']}, body {figures['span']} ({body}) on {figures['device']} in {figures['dtype']}, "
         f"{figures['wire_dtype']} wire"
     )
     decode = Table(
@@ -314,12 +363,12 @@ def show(figures: dict, json_path=None) -> None:
     for n in counts:
         decode.add_row(
             str(n),
-            _cell(figures[f"decode_tokens_per_s_n{n}"]),
-            f"{figures[f'decode_ratio_n{n}']:.2f}x",
-            _cell(figures[f"token_p50_ms_n{n}"]),
-            _cell(figures[f"token_p99_ms_n{n}"]),
-            _cell(figures[f"prefill_mean_ms_n{n}"]),
-            str(figures[f"errors_n{n}"]),
+            _cell(figures[f"{pre}decode_tokens_per_s_n{n}"]),
+            f"{figures[f'{pre}decode_ratio_n{n}']:.2f}x",
+            _cell(figures[f"{pre}token_p50_ms_n{n}"]),
+            _cell(figures[f"{pre}token_p99_ms_n{n}"]),
+            _cell(figures[f"{pre}prefill_mean_ms_n{n}"]),
+            str(figures[f"{pre}errors_n{n}"]),
         )
     console.print(decode)
     if figures["train_steps"]:
@@ -332,12 +381,9 @@ def show(figures: dict, json_path=None) -> None:
         for n in counts:
             train.add_row(
                 str(n),
-                _cell(figures[f"train_steps_per_s_n{n}"]),
-                f"{figures[f'train_ratio_n{n}']:.2f}x",
-                _cell(figures[f"train_step_p50_ms_n{n}"]),
-                _cell(figures[f"train_step_p99_ms_n{n}"]),
+                _cell(figures[f"{pre}train_steps_per_s_n{n}"]),
+                f"{figures[f'{pre}train_ratio_n{n}']:.2f}x",
+                _cell(figures[f"{pre}train_step_p50_ms_n{n}"]),
+                _cell(figures[f"{pre}train_step_p99_ms_n{n}"]),
             )
         console.print(train)
-    if figures["first_error"]:
-        console.print(f"first client error: {figures['first_error']}")
-    write_json(figures, json_path)

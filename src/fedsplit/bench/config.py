@@ -379,8 +379,15 @@ class CapacityBenchConfig:
             "metavar": "N,...",
         },
     )
-    stages: int = field(
-        default=1, metadata={"help": "pipeline stages the body is split into (only 1 is built so far)"}
+    stages: tuple[int, ...] = field(
+        default=(1,),
+        metadata={
+            "help": "pipeline stages of the server's body to measure, comma-separated: 1 is one process, "
+            "S > 1 a `fedsplit serve --stages S` on a local Ray (the ray extra); with more than one, 1 is "
+            "measured too and the latency one stage hop adds per token is reported",
+            "parse": parse_session_counts,
+            "metavar": "S,...",
+        },
     )
     prompt_tokens: int = field(default=32, metadata={"help": "prefill length of each generation session"})
     new_tokens: int = field(default=64, metadata={"help": "decode steps timed per generation session"})
@@ -401,11 +408,14 @@ class CapacityBenchConfig:
 
     def check(self) -> None:
         """ValueError, one line, for a value no run can use (before anything is loaded)."""
-        if self.stages != 1:
-            raise ValueError(
-                f"--stages {self.stages}: only --stages 1 runs for now (pipeline stages of the body "
-                "are not built yet)"
-            )
+        if len(self.stages) > 1 or self.stages != (1,):
+            try:
+                import ray  # noqa: F401 - only whether it is there
+            except ImportError:
+                raise ValueError(
+                    f"--stages {','.join(map(str, self.stages))}: stages > 1 need Ray (pip install "
+                    "'fedsplit[ray]')"
+                ) from None
         for name in ("prompt_tokens", "new_tokens", "train_length", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
