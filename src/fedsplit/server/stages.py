@@ -357,6 +357,8 @@ def connect_ray(address: str | None) -> bool:
     ray = _ray()
     if ray.is_initialized():
         return False
+    if address and address != "auto" and not address.startswith("ray://"):
+        _check_reachable(address)  # Ray itself would retry an unreachable head for minutes
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
@@ -374,14 +376,24 @@ def connect_ray(address: str | None) -> bool:
     return True
 
 
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """ConnectionError (one line) unless a TCP connection to ``HOST:PORT`` opens within ``timeout``."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--ray-address takes auto or HOST:PORT (the Ray head's GCS port), not {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
+
+
 def start_stages(
-    config: ServerConfig, fingerprint: str, held: tuple[int, int], threads: int = 0
+    config: ServerConfig, fingerprint: str, spans: list[tuple[int, int]], threads: int = 0
 ) -> list[Stage]:
     """Create one actor per stage span and wait until each has loaded its layers."""
-    from ..model.split import layer_parameter_counts
-
     ray = _ray()
-    spans = plan_stages(layer_parameter_counts(config.model), held, config.stages, config.stage_layers)
     resources = ray.cluster_resources()
     # One GPU per stage when the cluster has GPUs (unless --device cpu); CPU otherwise.
     gpus = resources.get("GPU", 0) >= 1 and config.device != "cpu"
@@ -827,16 +839,15 @@ def build_staged_servicer(config: ServerConfig, fingerprint: str, tokens, execut
         )
     model_config = load_config(config.model)
     held = config.layers or (0, num_layers(model_config))
-    if config.stage_layers is None:
-        plan_stages([1] * num_layers(model_config), held, config.stages)  # a bad S fails before Ray starts
+    counts = layer_parameter_counts(config.model)
+    spans = plan_stages(counts, held, config.stages, config.stage_layers)  # bad spans fail before Ray starts
     owns = connect_ray(config.ray_address)
     try:
-        stages = start_stages(config, fingerprint, held, threads)
+        stages = start_stages(config, fingerprint, spans, threads)
     except BaseException:
         if owns:
             _ray().shutdown()
         raise
-    counts = layer_parameter_counts(config.model)
     front = StageFront(model_config, stages, sum(counts[held[0] : held[1]]))
     log.info("body in %d stages: %s", len(stages), _spans_text([s.span for s in stages]))
     return StagedServicer(front, config, fingerprint, tokens, executor, owns_ray=owns)
