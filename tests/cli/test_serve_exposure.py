@@ -21,8 +21,8 @@ def served(monkeypatch):
 
     seen = {}
 
-    def build_servicer(config, tokens, **options):
-        seen["config"], seen["tokens"], seen["options"] = config, tokens, options
+    def build_servicer(config, tokens):
+        seen["config"], seen["tokens"] = config, tokens
 
     async def serve_forever(*args):
         seen["tls"] = args[2:4]

@@ -67,7 +67,11 @@ def serve(
         fail("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS runs over TLS")
     if problem and not cfg.insecure:
         fail(problem)  # before loading the model; with --insecure, start_server logs a warning
-    servicer = call(build_servicer, cfg, str(tokens) if tokens else None, threads=threads)
+    # --threads of a staged server: torch threads of each stage actor (its front end computes nothing)
+    staged = threads and (cfg.stages > 1 or len(cfg.stage_layers or ()) > 1)
+    servicer = call(
+        build_servicer, cfg, str(tokens) if tokens else None, **({"threads": threads} if staged else {})
+    )
     asyncio.run(
         serve_forever(servicer, cfg, str(tls_cert) if tls_cert else None, str(tls_key) if tls_key else None)
     )
