@@ -315,3 +315,42 @@ def test_training_run_resumes_from_the_stages_checkpoint(servers, fingerprint, t
         state = again.train_session.adapter_state()[1]
         for key in saved:
             assert torch.equal(state[key], saved[key]), key
+
+
+@pytest.mark.ray
+def test_server_hierarchical_on_stages_averages_the_replicas_like_one_process(servers, fingerprint):
+    """Two clients, their own body replica each, FedAvg every 2 steps: the same adapters as one process."""
+    results, errors = {}, []
+
+    def work(client, key):
+        try:
+            client.start_training(
+                SessionConfig(span=(1, 3), mode="train", lora=LORA, seed=4, max_batch=2, max_length=64)
+            )
+            losses = [float(client.train_step(batch()).loss) for _ in range(2)]
+            results[key] = (losses, client.train_session.adapter_state()[1])
+            client.train_session.close()
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    for name, stages in (("staged", 2), ("one", 1)):
+        config = ServerConfig(
+            model=SPEC, port=0, stages=stages, mode="server-hierarchical", sync_every=2, shutdown_grace=0.2
+        )
+        with start_background(build_servicer(config)) as srv:
+            clients = [make_client(srv.address, 1, 1, fingerprint, lora=True) for _ in range(2)]
+            threads = [threading.Thread(target=work, args=(c, (name, i))) for i, c in enumerate(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=120)
+    assert not errors, errors
+    for i in range(2):
+        losses_s, state_s = results[("staged", i)]
+        losses_o, state_o = results[("one", i)]
+        assert losses_s == pytest.approx(losses_o, rel=1e-4)
+        for key in state_o:
+            assert torch.allclose(state_s[key], state_o[key], atol=1e-6), key
+    # after the sync both replicas hold the average
+    for key, value in results[("staged", 0)][1].items():
+        assert torch.allclose(value, results[("staged", 1)][1][key], atol=1e-7)

@@ -50,6 +50,8 @@ from ..model.lora import LoraSettings
 from ..wire.protocol import SessionConfig
 from .checkpoint import RunCheckpoints
 from .config import ServerConfig
+from .coordination.base import Coordinator
+from .coordination.hierarchical import ServerHierarchical
 from .service import SplitServicer
 from .session import BodySession, SessionError, SessionLost
 
@@ -61,6 +63,8 @@ STAGE_MAX_RESTARTS = 8
 STAGE_READY_TIMEOUT = 600.0
 #: Replays of a generation step after stage failures before the client is told UNAVAILABLE.
 REPLAY_ATTEMPTS = 3
+#: Training modes a staged server runs (the others' joint passes and shared optimiser need one body).
+STAGED_MODES = ("independent", "server-hierarchical")
 #: Logical CPUs a stage actor asks Ray for: enough to place it, little enough that the stages of
 #: several servers fit on a small machine (its torch threads are set apart: ``--threads``).
 STAGE_CPUS = 0.1
@@ -268,6 +272,16 @@ class StageWorker:
 
     def save(self, sid: str) -> bool:
         return self.runs.save(self._session(sid))
+
+    def average(self, sids: list[str], weights: list[float]) -> int:
+        """server-hierarchical: FedAvg of these sessions' replicas, each layer of this stage over the
+        replicas that train it (sessions this stage does not hold are left out); how many took part."""
+        from .coordination.hierarchical import average_replicas
+
+        held = [(self.sessions[sid], w) for sid, w in zip(sids, weights) if sid in self.sessions]
+        if held:
+            average_replicas(self.pool, [s for s, _ in held], [w for _, w in held])
+        return len(held)
 
     def close(self, sid: str) -> None:
         self.latest.pop(sid, None)
@@ -762,6 +776,43 @@ class _PipelinedDecoder:
         return await session.forward(0, hidden, pad, offset)
 
 
+class StagedHierarchical(ServerHierarchical):
+    """server-hierarchical on stages: a body replica per client, FedAvg every ``sync_every`` steps.
+
+    Each client's forward goes down the stages on its own (the one-process server runs the
+    forwards that queue together as one joint pass; here sessions pipeline through the stages
+    instead); each stage averages its slice of the replicas at a sync.
+    """
+
+    async def forward(self, session, step_id, hidden, pad, offset):
+        if session.config.mode != "train" or session.adapter is None:
+            return await Coordinator.forward(self, session, step_id, hidden, pad, offset)
+        session.check_inputs(hidden, pad, offset)
+        if offset != 0:
+            raise SessionError(
+                "INVALID_ARGUMENT",
+                "server-hierarchical training runs whole sequences: position_offset must be 0",
+            )
+        out = await session.forward(step_id, hidden, pad, 0)
+        self.alone += 1
+        self.examples[session.id] = self.examples.get(session.id, 0) + int(hidden.shape[0])
+        return out
+
+    async def _average(self, rnd: int, members: dict) -> dict:
+        self.barriers.pop(rnd, None)
+        self.last_round = max(self.last_round, rnd)
+        sids = list(members)
+        weights = [float(self.examples.get(sid, 0)) for sid in sids]
+        stages = {part.stage.index: part.stage for session in members.values() for part in session.parts}
+        for stage in stages.values():
+            await _get(stage.actor.average.remote(sids, weights))
+        for sid in members:
+            self.examples[sid] = 0
+        self.syncs += 1
+        log.info("body sync round %d: averaged %d replica(s) on %d stage(s)", rnd, len(members), len(stages))
+        return {sid: None for sid in members}
+
+
 class StagedServicer(SplitServicer):
     """The gRPC front end of a body split into Ray stages (see the module docstring)."""
 
@@ -788,6 +839,8 @@ class StagedServicer(SplitServicer):
         self.runs = StagedRuns(config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep)
         self.batcher = _PipelinedDecoder()
         self._queue: asyncio.Task | None = None
+        if config.mode == "server-hierarchical":
+            self.coordinator = StagedHierarchical(self)
 
     async def new_session(self, config: SessionConfig, owner: str) -> StagedSession:
         if self._queue is not None:  # closes queued before (a run's adapter is freed, then re-made)
@@ -833,9 +886,10 @@ def build_staged_servicer(config: ServerConfig, fingerprint: str, tokens, execut
     from ..model.loading import load_config
     from ..model.split import layer_parameter_counts, num_layers
 
-    if config.mode != "independent":
+    if config.mode not in STAGED_MODES:
         raise ValueError(
-            f"--mode {config.mode} does not run with --stages yet: use --mode independent, or --stages 1"
+            f"--mode {config.mode} does not run with --stages yet: use --mode "
+            f"{' or '.join(STAGED_MODES)}, or --stages 1"
         )
     model_config = load_config(config.model)
     held = config.layers or (0, num_layers(model_config))
