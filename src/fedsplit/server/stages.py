@@ -637,7 +637,8 @@ class StagedSession:
 
     # ------------------------------------------------------------------ adapters
 
-    async def _each(self, method: str, *args) -> list:
+    async def each(self, method: str, *args) -> list:
+        """``StageWorker.method(id, *args)`` on every stage of the session, at once; their results."""
         refs = [getattr(p.stage.actor, method).remote(self.id, *args) for p in self.parts]
         try:
             return [await _get(ref) for ref in refs]
@@ -648,14 +649,14 @@ class StagedSession:
         if self.adapter is None:
             raise SessionError("FAILED_PRECONDITION", "this session has no body adapter")
         settings, state = None, {}
-        for part_settings, part_state in await self._each("adapter_state"):
+        for part_settings, part_state in await self.each("adapter_state"):
             settings = settings or part_settings
             state.update(part_state)
         return settings, state
 
     async def adapter_grads(self) -> dict[str, torch.Tensor]:
         grads: dict[str, torch.Tensor] = {}
-        for part in await self._each("adapter_grads"):
+        for part in await self.each("adapter_grads"):
             grads.update(part)
         return grads
 
@@ -683,7 +684,7 @@ class StagedSession:
             self.adapter = f"session_{self.id}"
 
     async def memory_bytes(self) -> int:
-        return sum(await self._each("memory_bytes"))
+        return sum(await self.each("memory_bytes"))
 
     async def close(self) -> None:
         self.sent = [[] for _ in self.parts]
@@ -722,7 +723,7 @@ class StagedRuns:
                 "of those or start over (include step 0)",
             )
         step = max(candidates)
-        await session._each("restore", step)
+        await session.each("restore", step)
         session.steps = session.saved_step = step
         session.resumed = step > 0
         log.info("run %s of %s starts at step %d on every stage", session.run_id, session.owner, step)
@@ -732,7 +733,7 @@ class StagedRuns:
         if not self.enabled or session.run_id is None or session.saved_step is None:
             return False
         try:
-            saved = all(await session._each("save"))
+            saved = all(await session.each("save"))
         except (SessionLost, SessionError):
             log.exception("checkpoint of run %s failed", session.run_id)
             return False
