@@ -43,7 +43,7 @@ def test_stage_options_reach_the_server_config(capsys, monkeypatch):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--stages", "2", "--mode", "client-batch"], "--mode client-batch does not run with --stages"),
+        (["--stages", "2", "--mode", "sequential"], "--mode sequential does not run with --stages"),
         (["--ray-address", "auto"], "--ray-address runs the body's stages on Ray: give --stages 2 or more"),
         (["--stages", "9"], "--stages 9: the server holds 4 layers"),
         (["--stages", "2", "--stage-layers", "0:1,2:4"], "--stage-layers takes contiguous spans"),

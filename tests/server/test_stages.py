@@ -318,15 +318,19 @@ def test_training_run_resumes_from_the_stages_checkpoint(servers, fingerprint, t
 
 
 @pytest.mark.ray
-def test_server_hierarchical_on_stages_averages_the_replicas_like_one_process(servers, fingerprint):
-    """Two clients, their own body replica each, FedAvg every 2 steps: the same adapters as one process."""
+@pytest.mark.parametrize("mode", ["server-hierarchical", "client-batch"])
+def test_coordination_modes_on_stages_train_like_one_process(servers, fingerprint, mode):
+    """Two clients at once. server-hierarchical: a body replica each, FedAvg every 2 steps;
+    client-batch: one shared adapter, one joint body pass and step per round. The same losses and
+    adapters as one process."""
     results, errors = {}, []
 
-    def work(client, key):
+    def work(client, key, opened):
         try:
             client.start_training(
                 SessionConfig(span=(1, 3), mode="train", lora=LORA, seed=4, max_batch=2, max_length=64)
             )
+            opened.wait(timeout=60)  # both attached before the first forward: the rounds hold both
             losses = [float(client.train_step(batch()).loss) for _ in range(2)]
             results[key] = (losses, client.train_session.adapter_state()[1])
             client.train_session.close()
@@ -334,12 +338,13 @@ def test_server_hierarchical_on_stages_averages_the_replicas_like_one_process(se
             errors.append(exc)
 
     for name, stages in (("staged", 2), ("one", 1)):
-        config = ServerConfig(
-            model=SPEC, port=0, stages=stages, mode="server-hierarchical", sync_every=2, shutdown_grace=0.2
-        )
+        config = ServerConfig(model=SPEC, port=0, stages=stages, mode=mode, sync_every=2, shutdown_grace=0.2)
         with start_background(build_servicer(config)) as srv:
             clients = [make_client(srv.address, 1, 1, fingerprint, lora=True) for _ in range(2)]
-            threads = [threading.Thread(target=work, args=(c, (name, i))) for i, c in enumerate(clients)]
+            opened = threading.Barrier(2)
+            threads = [
+                threading.Thread(target=work, args=(c, (name, i), opened)) for i, c in enumerate(clients)
+            ]
             for t in threads:
                 t.start()
             for t in threads:
@@ -351,6 +356,6 @@ def test_server_hierarchical_on_stages_averages_the_replicas_like_one_process(se
         assert losses_s == pytest.approx(losses_o, rel=1e-4)
         for key in state_o:
             assert torch.allclose(state_s[key], state_o[key], atol=1e-6), key
-    # after the sync both replicas hold the average
+    # after the sync (server-hierarchical) or always (client-batch) both clients see one adapter
     for key, value in results[("staged", 0)][1].items():
         assert torch.allclose(value, results[("staged", 1)][1][key], atol=1e-7)

@@ -50,10 +50,12 @@ from ..model.lora import LoraSettings
 from ..wire.protocol import SessionConfig
 from .checkpoint import RunCheckpoints
 from .config import ServerConfig
-from .coordination.base import Coordinator
+from .coordination.base import SHARED_ADAPTER, Coordinator
+from .coordination.client_batch import ClientBatch
 from .coordination.hierarchical import ServerHierarchical
+from .coordination.joint import Round, Slot
 from .service import SplitServicer
-from .session import BodySession, SessionError, SessionLost
+from .session import BodySession, SessionError, SessionLost, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ STAGE_READY_TIMEOUT = 600.0
 #: Replays of a generation step after stage failures before the client is told UNAVAILABLE.
 REPLAY_ATTEMPTS = 3
 #: Training modes a staged server runs (the others' joint passes and shared optimiser need one body).
-STAGED_MODES = ("independent", "server-hierarchical")
+STAGED_MODES = ("independent", "client-batch", "server-hierarchical")
 #: Logical CPUs a stage actor asks Ray for: enough to place it, little enough that the stages of
 #: several servers fit on a small machine (its torch threads are set apart: ``--threads``).
 STAGE_CPUS = 0.1
@@ -171,6 +173,8 @@ class StageWorker:
         # generate: (offset, tokens, output) of each session's latest cached forward, so a step the
         # front end retries after another stage failed is answered again, not run twice
         self.latest: dict[str, tuple[int, int, torch.Tensor]] = {}
+        self.rounds: dict[int, tuple] = {}  # client-batch: round -> (inputs, outputs, caller's place)
+        self.shared_optimizer: torch.optim.Optimizer | None = None
         root = Path(checkpoint_dir) / f"stage-{self.span[0]}-{self.span[1]}" if checkpoint_dir else None
         self.runs = RunCheckpoints(root, 0, checkpoint_keep, fingerprint)
 
@@ -272,6 +276,55 @@ class StageWorker:
 
     def save(self, sid: str) -> bool:
         return self.runs.save(self._session(sid))
+
+    # ------------------------------------------------------------------ client-batch: the shared adapter
+
+    def joint_forward(self, number: int, span: tuple[int, int], inputs: torch.Tensor, pad: torch.Tensor):
+        """A client-batch round's forward through the shared adapter on this stage's part of ``span``;
+        the graph is kept until :meth:`joint_backward` (or a new round clears it)."""
+        x = inputs.to(device=self.pool.device, dtype=self.pool.dtype).detach().requires_grad_()
+        self.pool.activate(SHARED_ADAPTER)
+        out = self.body(x, pad.to(self.pool.device), None, 0, span=span)
+        self.rounds[number] = (x, out, (inputs.device, inputs.dtype))
+        return out.detach().to(device=inputs.device, dtype=inputs.dtype)
+
+    def joint_backward(self, number: int, grad: torch.Tensor) -> torch.Tensor:
+        x, out, (device, dtype) = self.rounds.pop(number)
+        out.backward(grad.to(device=out.device, dtype=out.dtype))
+        return x.grad.to(device=device, dtype=dtype)
+
+    def shared_grad_norm_sq(self) -> float:
+        grads = [p.grad for p in self.pool.parameters(SHARED_ADAPTER) if p.grad is not None]
+        return float(sum(g.detach().float().pow(2).sum() for g in grads)) if grads else 0.0
+
+    def shared_step(self, clip_norm: float, total_norm: float, lr: float, warmup: int, decay: float) -> None:
+        """One AdamW step of the shared adapter's slice on this stage (the optimiser made at the first)."""
+        params = self.pool.parameters(SHARED_ADAPTER)
+        if not params:
+            return
+        if self.shared_optimizer is None:
+            self.shared_optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=decay, foreach=True)
+        if clip_norm > 0:
+            coef = min(1.0, clip_norm / (total_norm + 1e-6))
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        warm_up(self.shared_optimizer, lr, warmup)
+        self.shared_optimizer.step()
+        self.shared_optimizer.zero_grad(set_to_none=True)
+
+    def shared_zero_grad(self) -> None:
+        """Rounds retired: free their graphs and drop the gradient they accumulated."""
+        self.rounds.clear()
+        for p in self.pool.parameters(SHARED_ADAPTER):
+            p.grad = None
+
+    def shared_reset(self) -> None:
+        """The federation ended: forget the shared adapter and its optimiser."""
+        self.rounds.clear()
+        self.shared_optimizer = None
+        if SHARED_ADAPTER in self.pool.settings:
+            self.pool.delete(SHARED_ADAPTER)
 
     def average(self, sids: list[str], weights: list[float]) -> int:
         """server-hierarchical: FedAvg of these sessions' replicas, each layer of this stage over the
@@ -814,6 +867,96 @@ class StagedHierarchical(ServerHierarchical):
         return {sid: None for sid in members}
 
 
+class StagedClientBatch(ClientBatch):
+    """client-batch on stages: each round's forwards run as one batch down the stages through the
+    shared adapter, its gradients as one backward up them, and each stage steps its slice of the
+    shared adapter with an optimiser of its own (the gradient clip is over all stages)."""
+
+    decay = 0.0  # the shared optimiser's weight decay, from its first session (as its lr)
+
+    def attach(self, session) -> None:
+        Coordinator.attach(self, session)
+        if self.shared(session) and self.schedule == (0.0, 0):
+            self.schedule = (session.config.lr, session.config.warmup_steps)
+            self.decay = session.config.weight_decay
+
+    def reset(self) -> None:
+        super().reset()
+        self.schedule = (0.0, 0)
+        for stage in self.host.stages:  # after the sessions' closes queued before
+            self.host.submit(lambda actor=stage.actor: _get(actor.shared_reset.remote()))
+
+    def _stages(self, span: tuple[int, int]) -> list[tuple[Stage, tuple[int, int]]]:
+        return [
+            (s, (max(span[0], s.span[0]), min(span[1], s.span[1])))
+            for s in self.host.stages
+            if max(span[0], s.span[0]) < min(span[1], s.span[1])
+        ]
+
+    async def zero_grad(self) -> None:
+        for stage in self.host.stages:
+            await _get(stage.actor.shared_zero_grad.remote())
+
+    async def _joint_forward(self, number: int, span: tuple[int, int], members: dict):
+        longest = max(item[2].shape[1] for item in members.values())
+        hidden, pad, slots, row = [], [], {}, 0
+        for sid, (session, step_id, h, p) in members.items():
+            extra = longest - h.shape[1]
+            hidden.append(torch.nn.functional.pad(h.cpu(), (0, 0, extra, 0)))
+            pad.append(p.cpu().to(torch.long) + extra)
+            slots[sid] = Slot(session, step_id, slice(row, row + h.shape[0]), h.shape[1])
+            row += h.shape[0]
+        ref, pads = torch.cat(hidden), torch.cat(pad)
+        stages = self._stages(span)
+        for stage, part in stages:
+            ref = stage.actor.joint_forward.remote(number, part, ref, pads)
+        try:
+            out = await _get(ref)
+        except StageFailed as exc:
+            raise SessionLost(f"a body stage restarted during client-batch round {number} ({exc})") from None
+        rnd = Round(number, span, None, None, slots)
+        rnd.stages, rnd.shape = stages, out.shape  # what the round's backward needs
+        self.rows += row
+        self.members += len(members)
+        return rnd, {sid: out[s.rows, longest - s.length :] for sid, s in slots.items()}
+
+    async def _joint_backward(self, rnd: Round, items: dict) -> dict:
+        total = sum(w for _, w in items.values())
+        shares = {sid: w / total if total > 0 else 1.0 / len(items) for sid, (_, w) in items.items()}
+        full = torch.zeros(rnd.shape)
+        for sid, (grad, _) in items.items():
+            slot = rnd.slots[sid]
+            full[slot.rows, full.shape[1] - slot.length :] = grad.cpu().to(full.dtype) * shares[sid]
+        ref = full
+        for stage, _part in reversed(rnd.stages):
+            ref = stage.actor.joint_backward.remote(rnd.number, ref)
+        try:
+            grad_in = await _get(ref)
+        except StageFailed as exc:
+            raise SessionLost(
+                f"a body stage restarted during client-batch round {rnd.number} ({exc})"
+            ) from None
+        results = {}
+        for sid in items:
+            slot, share = rnd.slots[sid], shares[sid]
+            part = grad_in[slot.rows, grad_in.shape[1] - slot.length :]
+            results[sid] = part / share if share > 0 else torch.zeros_like(part)
+        return results
+
+    async def _apply(self, clip: float) -> None:
+        total = 0.0
+        if clip > 0:
+            squares = [stage.actor.shared_grad_norm_sq.remote() for stage in self.host.stages]
+            total = math.sqrt(sum([await _get(ref) for ref in squares]))
+        lr, warmup = self.schedule
+        refs = [
+            stage.actor.shared_step.remote(clip, total, lr, warmup, self.decay) for stage in self.host.stages
+        ]
+        for ref in refs:
+            await _get(ref)
+        self.updates += 1
+
+
 class StagedServicer(SplitServicer):
     """The gRPC front end of a body split into Ray stages (see the module docstring)."""
 
@@ -842,6 +985,8 @@ class StagedServicer(SplitServicer):
         self._queue: asyncio.Task | None = None
         if config.mode == "server-hierarchical":
             self.coordinator = StagedHierarchical(self)
+        elif config.mode == "client-batch":
+            self.coordinator = StagedClientBatch(self)
 
     async def new_session(self, config: SessionConfig, owner: str) -> StagedSession:
         if self._queue is not None:  # closes queued before (a run's adapter is freed, then re-made)
