@@ -294,7 +294,8 @@ def test_a_training_session_on_a_restarted_stage_ends_unavailable(servers, finge
 @pytest.mark.ray
 def test_training_run_resumes_from_the_stages_checkpoint(servers, fingerprint, tmp_path):
     """A named run on a 2-stage server with a checkpoint directory: every stage writes its own
-    checkpoint; a re-opened run resumes on every stage from it."""
+    checkpoint; when a stage dies mid-run the stream ends UNAVAILABLE, and the re-opened run
+    resumes on every stage from the checkpoint."""
     _, _, ray = servers
     config = ServerConfig(model=SPEC, port=0, stages=2, checkpoint_dir=str(tmp_path), shutdown_grace=0.2)
     with start_background(build_servicer(config)) as srv:
@@ -306,7 +307,10 @@ def test_training_run_resumes_from_the_stages_checkpoint(servers, fingerprint, t
         client.train_step(batch(), checkpoint=True)
         saved = copy.deepcopy(client.train_session.adapter_state()[1])
         client.train_step(batch())  # step 2, not checkpointed
-        client.train_session.close()
+        ray.kill(srv.servicer.stages[0].actor, no_restart=False)
+        with pytest.raises(RemoteError) as exc:
+            client.train_step(batch())
+        assert exc.value.code == grpc.StatusCode.UNAVAILABLE and "latest checkpoint" in exc.value.message
         stage_dirs = sorted(p.name for p in tmp_path.glob("stage-*"))
         assert stage_dirs == ["stage-0-2", "stage-2-4"]
         again = make_client(srv.address, 1, 1, fingerprint, lora=True)
