@@ -9,6 +9,10 @@ held up by it.
 - **Memory**: the bytes admission reserves for the client's open sessions, attached or parked
   (KV caches of generate sessions; graphs, adapter and optimiser of train sessions), against
   ``client_memory_budget``; the server-wide ``memory_budget`` still applies to all clients together.
+- **Tarpit**: a rate refusal is answered only after the wait it names (at most
+  :data:`TARPIT_MAX_S`), so a client that ignores refusals and retries at once still gets through
+  at most about one request per refill per session, and cannot spend the server's time (or the
+  other clients' latency) on refusals.
 - **Rates** are token buckets holding one second's worth (at least one unit): ``client_tokens_per_s``
   counts the rows of each decode step (a one-position forward into a KV cache; prompts are bounded
   by ``max_length`` and memory instead), ``client_steps_per_s`` the optimiser steps. A request costing
@@ -23,6 +27,8 @@ import time
 from collections.abc import Callable
 
 from .config import ServerConfig
+
+TARPIT_MAX_S = 1.0  # the longest a rate refusal is held back before it is answered
 
 
 class TokenBucket:
@@ -55,6 +61,7 @@ class ClientQuotas:
         self.memory_budget = config.client_memory_budget
         self.rates = {"tokens": config.client_tokens_per_s, "steps": config.client_steps_per_s}
         self.clock = clock
+        self.last_wait = 0.0  # seconds the last refused charge would have had to wait
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -84,7 +91,10 @@ class ClientQuotas:
         return None
 
     def charge(self, client: str, what: str, cost: float) -> str | None:
-        """Spend ``cost`` of ``client``'s ``what`` ("tokens" or "steps") per second; why not, or None."""
+        """Spend ``cost`` of ``client``'s ``what`` ("tokens" or "steps") per second; why not, or None.
+
+        After a refusal :attr:`last_wait` holds the seconds until the request would have passed."""
+        self.last_wait = 0.0
         rate = self.rates[what]
         if not rate or cost <= 0:
             return None
@@ -95,5 +105,6 @@ class ClientQuotas:
         wait = bucket.take(cost, now)
         if wait == 0.0:
             return None
+        self.last_wait = wait
         unit = "decode tokens" if what == "tokens" else "training steps"
         return f"client {client!r} is over its {rate:g} {unit}/s limit on this server; retry in {wait:.2f} s"

@@ -33,7 +33,7 @@ from .config import ServerConfig
 from .coordination.factory import make_coordinator
 from .opening import memory_needed, session_config, status_code
 from .placement import resolve_memory_budget
-from .quotas import ClientQuotas
+from .quotas import TARPIT_MAX_S, ClientQuotas
 from .session import BodySession, SessionError, SessionLost
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                     closed = True
                     break
                 try:
-                    self._charge(session, kind, msg)
+                    await self._charge(session, kind, msg)
                     reply = await self._handle(session, kind, msg)
                 except (SessionError, codec.WireError) as exc:
                     self.stats["errors"] += 1
@@ -489,8 +489,10 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                 reserved += self._reserved.get(session_id, 0)
         return attached, reserved
 
-    def _charge(self, session: BodySession, kind: str, msg) -> None:
-        """The client's rate quotas: a decode step costs its rows in tokens, an optimiser step one step."""
+    async def _charge(self, session: BodySession, kind: str, msg) -> None:
+        """The client's rate quotas: a decode step costs its rows in tokens, an optimiser step one step.
+
+        A refusal is held back for the wait it names (the tarpit, at most ``TARPIT_MAX_S``)."""
         if kind == "step":
             what, cost = "steps", 1
         elif kind == "forward" and session.config.mode == "generate" and msg.forward.use_cache:
@@ -500,6 +502,7 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             return
         refused = self.quotas.charge(session.owner, what, cost)
         if refused:
+            await asyncio.sleep(min(self.quotas.last_wait, TARPIT_MAX_S))
             raise SessionError("RESOURCE_EXHAUSTED", refused)
 
     def _audit(self, event: str, **fields: Any) -> None:
