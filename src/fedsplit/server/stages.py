@@ -17,8 +17,8 @@ the actors and the front end, which all belong to the compute owner; nothing pic
 the client's network connection, which stays protobuf over gRPC.
 
 Sessions are pipelined: every session's call is its own coroutine on the front end's event
-loop, and each actor runs its calls in order, so stage 1 works on session B while stage 2
-works on session A.
+loop, so stage 1 works on session B while stage 2 works on session A; inside a stage, decode
+steps of different sessions that queue while it computes run as one batch (:class:`StageActor`).
 
 Faults: stage actors restart (``max_restarts``). A generation session replays, into a
 restarted stage, the inputs it sent that stage so far (the very tensors, same chunking, so the
@@ -31,12 +31,16 @@ stage holds (each stage writes its own, under ``--checkpoint-dir``/``stage-A-B``
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import functools
 import inspect
 import itertools
 import logging
 import math
 import os
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -65,6 +69,8 @@ STAGE_MAX_RESTARTS = 8
 STAGE_READY_TIMEOUT = 600.0
 #: Replays of a generation step after stage failures before the client is told UNAVAILABLE.
 REPLAY_ATTEMPTS = 3
+#: Calls a stage actor takes at once (each waits for the stage's compute thread; decode steps batch).
+STAGE_CONCURRENCY = 256
 #: Training modes a staged server runs (the others' joint passes and shared optimiser need one body).
 STAGED_MODES = ("independent", "client-batch", "server-hierarchical")
 #: Logical CPUs a stage actor asks Ray for: enough to place it, little enough that the stages of
@@ -199,7 +205,7 @@ class StageWorker:
 
     def open(self, sid: str, owner: str, config: SessionConfig) -> str:
         """Hold ``sid``'s slice (a fresh one if it held one); returns this actor's incarnation."""
-        self.close(sid)
+        StageWorker.close(self, sid)  # this class's: a StageActor's own would wait on this very thread
         self.sessions[sid] = BodySession(self.body, self.pool, config, owner, self.max_graphs, self.graph_ttl)
         return self.incarnation
 
@@ -343,6 +349,122 @@ class StageWorker:
             session.close()
 
 
+_DECODE = "decode"  # a job of the stage's compute thread that joins the continuous batch
+
+
+class StageActor(StageWorker):
+    """The Ray actor of a stage: :class:`StageWorker` with its compute on one thread of its own.
+
+    Ray runs the actor's calls on many threads (``max_concurrency``), so calls of different
+    sessions arrive while the stage computes; each is handed to the one compute thread, in
+    order. Decode steps (one token per row) that queued up meanwhile run as one batch
+    (:func:`~fedsplit.server.batching.run_batch`, the one-process server's continuous batching):
+    stage 1 batches the next steps of B and C while stage 2 runs A's.
+    """
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.decode_batches = self.decode_rows = 0  # decode batches run, and the session steps in them
+        threading.Thread(target=self._work, name="stage-compute", daemon=True).start()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "decode_batches": self.decode_batches, "decode_rows": self.decode_rows}
+
+    def _run(self, fn, *args):
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((fn, args, future))
+        return future.result()
+
+    def forward(self, sid, step_id, hidden, pad, offset, keep_graph, use_cache):
+        session = self.sessions.get(sid)
+        if use_cache and hidden.shape[1] == 1 and session is not None and session.config.mode == "generate":
+            return self._run(_DECODE, sid, hidden, pad, offset)
+        return self._run(StageWorker.forward, self, sid, step_id, hidden, pad, offset, keep_graph, use_cache)
+
+    def _work(self) -> None:
+        while True:
+            jobs = [self._jobs.get()]
+            while True:
+                try:
+                    jobs.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            # Each session has at most one call in flight per stage, so running the decode steps
+            # first reorders only calls of different sessions.
+            decode = [(args, future) for fn, args, future in jobs if fn is _DECODE]
+            if decode:
+                self._decode_batch(decode)
+            for fn, args, future in jobs:
+                if fn is _DECODE:
+                    continue
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # noqa: BLE001 - the caller's to raise
+                    future.set_exception(exc)
+
+    def _decode_batch(self, jobs) -> None:
+        from .batching import run_batch
+
+        items, waiting = [], []
+        for (sid, hidden, pad, offset), future in jobs:
+            try:
+                session = self._session(sid)
+                latest = self.latest.get(sid)
+                if latest is not None and latest[:2] == (offset, 1) and session.cache.length == offset + 1:
+                    future.set_result(latest[2])  # a retry of a step this stage ran already
+                    continue
+                caller = (hidden.device, hidden.dtype)
+                on_body = session.to_body(hidden, pad)
+                items.append((session, *on_body, offset))
+                waiting.append((future, sid, offset, caller))
+            except BaseException as exc:  # noqa: BLE001 - the caller's to raise
+                future.set_exception(exc)
+        results = run_batch(items) if items else []
+        self.decode_batches += bool(items)
+        self.decode_rows += len(items)
+        for (future, sid, offset, caller), result in zip(waiting, results):
+            if isinstance(result, Exception):
+                future.set_exception(result)
+                continue
+            out = result.to(device=caller[0], dtype=caller[1])
+            self.latest[sid] = (offset, 1, out)
+            future.set_result(out)
+
+
+def _on_compute_thread(name: str):
+    method = getattr(StageWorker, name)
+
+    @functools.wraps(method)
+    def call(self, *args):
+        return self._run(method, self, *args)
+
+    return call
+
+
+for _name in (
+    "open",
+    "backward",
+    "grad_norm_sq",
+    "step",
+    "adapter_grads",
+    "adapter_state",
+    "put_adapter",
+    "memory_bytes",
+    "restore",
+    "save",
+    "joint_forward",
+    "joint_backward",
+    "shared_grad_norm_sq",
+    "shared_step",
+    "shared_zero_grad",
+    "shared_reset",
+    "average",
+    "close",
+):
+    setattr(StageActor, _name, _on_compute_thread(_name))
+
+
 # ---------------------------------------------------------------------------------------- front end
 
 
@@ -472,11 +594,12 @@ def start_stages(
         "max_task_retries": 0,
         "num_cpus": STAGE_CPUS,
         "scheduling_strategy": "SPREAD",
+        "max_concurrency": STAGE_CONCURRENCY,  # calls wait on the stage's one compute thread
     }
     if gpus:
         options["num_gpus"] = 1
     threads = threads or max(1, (os.cpu_count() or 1) // len(spans))
-    remote = ray.remote(StageWorker).options(**options)
+    remote = ray.remote(StageActor).options(**options)
     stages = []
     for index, span in enumerate(spans):
         actor = remote.remote(
