@@ -145,7 +145,8 @@ def test_an_undefended_split_client_warns_once_per_process(monkeypatch, caplog):
     assert f"at p=2 a curious server's strongest public attack recovers about {measured} of the tokens" in (
         defaults.undefended_message(2)
     )
-    assert f"about {defaults.UNDEFENDED_F1[4]:.0%}" in defaults.undefended_message(5)
+    assert f"about {defaults.UNDEFENDED_F1[4]:.0%}" in defaults.undefended_message(5)  # a tie: shallower
+    assert "at p=6 (the nearest measured to p=7) a curious" in defaults.undefended_message(7)
 
 
 def test_resolve_defense_spec(monkeypatch):

@@ -22,7 +22,7 @@ DEFAULT_DEFENSE: str | None = None
 
 # Token F1 of the strongest public-tier attack against an undefended client with p head layers,
 # SmolLM2-135M fine-tuned on sentiment (`fedsplit bench privacy --after-finetune`, docs/privacy.md).
-UNDEFENDED_F1: dict[int, float] = {2: 0.950, 4: 0.916}
+UNDEFENDED_F1: dict[int, float] = {2: 0.950, 4: 0.916, 6: 0.888}
 
 _warned = False  # warn_undefended logs once per process
 
