@@ -127,22 +127,17 @@ def grid_for(cfg: PrivacyBenchConfig) -> LabelGrid:
 class GradientCapture(ft.Capture):
     """The sweep's gRPC server, recording every gradient a client sends back, as the server decoded it.
 
-    The servicer's ``observers`` see hidden states only; the gradients are read where the server
-    hands them to its training coordinator (the same decoded tensor the body's backward uses).
+    The servicer's ``grad_observers`` see each gradient as decoded, the tensor the body's backward uses.
     """
 
     def __init__(self, cfg: PrivacyBenchConfig) -> None:
         super().__init__(cfg)
         self.servicer.observers.remove(self._observe)  # the hidden states are not needed here
         self.grads: list[torch.Tensor] = []
-        coordinator = self.servicer.coordinator
-        backward = coordinator.backward
+        self.servicer.grad_observers.append(self._observe_grad)
 
-        async def observed(session, step_id, grad, weight=None):
-            self.grads.append(grad.detach().float().cpu())
-            return await backward(session, step_id, grad, weight)
-
-        coordinator.backward = observed
+    def _observe_grad(self, session, grad: torch.Tensor) -> None:
+        self.grads.append(grad.detach().float().cpu())
 
 
 def answer_class(tokenizer, labels_row: torch.Tensor, label_words: list[str]) -> int:

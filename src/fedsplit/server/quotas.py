@@ -61,7 +61,6 @@ class ClientQuotas:
         self.memory_budget = config.client_memory_budget
         self.rates = {"tokens": config.client_tokens_per_s, "steps": config.client_steps_per_s}
         self.clock = clock
-        self.last_wait = 0.0  # seconds the last refused charge would have had to wait
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -90,11 +89,10 @@ class ClientQuotas:
             )
         return None
 
-    def charge(self, client: str, what: str, cost: float) -> str | None:
-        """Spend ``cost`` of ``client``'s ``what`` ("tokens" or "steps") per second; why not, or None.
+    def charge(self, client: str, what: str, cost: float) -> tuple[str, float] | None:
+        """Spend ``cost`` of ``client``'s ``what`` ("tokens" or "steps") per second.
 
-        After a refusal :attr:`last_wait` holds the seconds until the request would have passed."""
-        self.last_wait = 0.0
+        Returns None, or why not and the seconds until the request would have passed."""
         rate = self.rates[what]
         if not rate or cost <= 0:
             return None
@@ -105,6 +103,8 @@ class ClientQuotas:
         wait = bucket.take(cost, now)
         if wait == 0.0:
             return None
-        self.last_wait = wait
         unit = "decode tokens" if what == "tokens" else "training steps"
-        return f"client {client!r} is over its {rate:g} {unit}/s limit on this server; retry in {wait:.2f} s"
+        return (
+            f"client {client!r} is over its {rate:g} {unit}/s limit on this server; retry in {wait:.2f} s",
+            wait,
+        )

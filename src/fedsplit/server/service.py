@@ -94,6 +94,9 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
         # client sends, as decoded: what a curious operator of this server can record. Used by
         # `fedsplit bench privacy --after-finetune` to attack exactly what arrived over gRPC.
         self.observers: list[Callable[[BodySession, torch.Tensor, torch.Tensor, int], None]] = []
+        # Callables ``observer(session, grad)`` shown every gradient a client sends back in training,
+        # as decoded (`fedsplit bench privacy --after-finetune --labels` attacks the labels in them).
+        self.grad_observers: list[Callable[[BodySession, torch.Tensor], None]] = []
         self._reserved: dict[str, int] = {}
         # Safe exposure: who calls (bearer token and/or client certificate, re-checked when the token
         # file changes), per-client quotas (``client_*`` options) and the audit log (``--audit-log``).
@@ -392,6 +395,8 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
                 expect_shape=(None, None, hidden_size),
                 max_elements=session.config.max_batch * session.config.max_length * hidden_size,
             )
+            for observe in self.grad_observers:
+                observe(session, grad)
             weight = bwd.loss_weight if bwd.HasField("loss_weight") else None
             grad_in = await self.coordinator.backward(session, bwd.step_id, grad, weight)
             self.stats["backward"] += 1
@@ -502,8 +507,9 @@ class SplitServicer(pb_grpc.SplitServiceServicer):
             return
         refused = self.quotas.charge(session.owner, what, cost)
         if refused:
-            await asyncio.sleep(min(self.quotas.last_wait, TARPIT_MAX_S))
-            raise SessionError("RESOURCE_EXHAUSTED", refused)
+            reason, wait = refused
+            await asyncio.sleep(min(wait, TARPIT_MAX_S))
+            raise SessionError("RESOURCE_EXHAUSTED", reason)
 
     def _audit(self, event: str, **fields: Any) -> None:
         """One audit-log line (if ``--audit-log``); a failing write is logged, never fatal to a session."""

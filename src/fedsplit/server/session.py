@@ -64,6 +64,18 @@ def _to(tensor: torch.Tensor, place: tuple[torch.device, torch.dtype] | None) ->
     return tensor if place is None else tensor.to(device=place[0], dtype=place[1])
 
 
+def check_session_config(config: SessionConfig, held: tuple[int, int]) -> None:
+    """Refuse a session whose span lies outside the ``held`` layers or whose mode is unknown."""
+    start, end = config.span
+    if not (held[0] <= start <= end <= held[1]):
+        raise SessionError(
+            "OUT_OF_RANGE",
+            f"body span [{start}, {end}) is outside the layers this server holds {list(held)}",
+        )
+    if config.mode not in ("train", "generate"):
+        raise SessionError("INVALID_ARGUMENT", f"mode must be train or generate, not {config.mode!r}")
+
+
 class BodySession:
     """Runs the body span for one client; owns its cache (generate) or graphs + optimiser (train)."""
 
@@ -76,15 +88,7 @@ class BodySession:
         max_graphs: int = ServerConfig.max_graphs,  # the dataclass defaults: one source for both
         graph_ttl: float = ServerConfig.graph_ttl,
     ) -> None:
-        start, end = config.span
-        held = body.span
-        if not (held[0] <= start <= end <= held[1]):
-            raise SessionError(
-                "OUT_OF_RANGE",
-                f"body span [{start}, {end}) is outside the layers this server holds {list(held)}",
-            )
-        if config.mode not in ("train", "generate"):
-            raise SessionError("INVALID_ARGUMENT", f"mode must be train or generate, not {config.mode!r}")
+        check_session_config(config, body.span)
         self.id = f"s{next(_ids)}-{owner}"
         self.owner = owner
         self.body, self.pool, self.config = body, pool, config

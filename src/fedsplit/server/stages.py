@@ -59,7 +59,7 @@ from .coordination.client_batch import ClientBatch
 from .coordination.hierarchical import ServerHierarchical
 from .coordination.joint import Round, Slot
 from .service import SplitServicer
-from .session import BodySession, SessionError, SessionLost, warm_up
+from .session import BodySession, SessionError, SessionLost, check_session_config, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -659,15 +659,8 @@ class StagedSession:
     cache = None  # the KV cache lives on the stages (check_inputs then skips its position check)
 
     def __init__(self, stages: list[Stage], config: SessionConfig, owner: str) -> None:
+        check_session_config(config, (stages[0].span[0], stages[-1].span[1]))
         start, end = config.span
-        held = (stages[0].span[0], stages[-1].span[1])
-        if not (held[0] <= start <= end <= held[1]):
-            raise SessionError(
-                "OUT_OF_RANGE",
-                f"body span [{start}, {end}) is outside the layers this server holds {list(held)}",
-            )
-        if config.mode not in ("train", "generate"):
-            raise SessionError("INVALID_ARGUMENT", f"mode must be train or generate, not {config.mode!r}")
         self.id = f"s{next(_ids)}-{owner}"
         self.owner, self.config = owner, config
         self.parts = [
