@@ -38,6 +38,20 @@ def test_body_runs_any_sub_span_of_held_layers(tiny, padded_batch, p, q):
     assert (out - ref)[mask.bool()].abs().max().item() <= 1e-4
 
 
+def test_tail_last_only_gives_the_last_positions_logits_with_the_cache_filled(tiny, padded_batch):
+    model, _ = tiny
+    ids, pad, mask, positions = padded_batch
+    ref = reference_logits(model, ids, mask, positions)
+    parts = split(model, 1, 2)
+    cache = KVCache()
+    with torch.no_grad():
+        hidden = parts.body(parts.head(ids, pad), pad)
+        out = parts.tail(hidden, pad, cache, last_only=True)
+    assert out.shape == (ids.shape[0], 1, ref.shape[-1])
+    assert (out[:, 0] - ref[:, -1]).abs().max().item() <= 1e-4
+    assert cache.length == ids.shape[1]  # every position's keys and values are still cached
+
+
 def test_span_outside_held_layers_is_refused(tiny, padded_batch):
     model, _ = tiny
     ids, pad, *_ = padded_batch

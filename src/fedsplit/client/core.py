@@ -277,7 +277,9 @@ class SplitClient:
                         self.run_head(step_input, pad_lengths, head_cache, offset), pad_lengths
                     )
                     hidden = session.forward(t, hidden, pad_lengths, offset)
-                    logits = self.tail(self.tail_input(hidden), pad_lengths, tail_cache, offset)[:, -1]
+                    logits = self.tail(
+                        self.tail_input(hidden), pad_lengths, tail_cache, offset, last_only=True
+                    )[:, -1]
                     offset += step_input.shape[1]
                     token = sample(logits, temperature, top_p)
                     if eos:

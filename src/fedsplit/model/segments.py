@@ -204,13 +204,18 @@ class Tail(Segment):
         cache: KVCache | None = None,
         offset: int | None = None,
         select: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits [B, T, V]; with a boolean ``select`` [B, T], only those positions' logits [n, V].
+        """Logits [B, T, V]; with a boolean ``select`` [B, T], only those positions' logits [n, V];
+        with ``last_only``, the last position's [B, 1, V].
 
         The LM head is the largest matrix of a small model; training needs logits only where
-        there is a label, so ``select`` skips the rest.
+        there is a label, so ``select`` skips the rest, and generation needs only the last
+        position's (``last_only``: a prefill does not pay the LM head for every prompt token).
         """
         hidden = self.norm(self.run_layers(hidden, pad_lengths, cache, offset))
         if select is not None:
             hidden = hidden[select]
+        elif last_only:
+            hidden = hidden[:, -1:]
         return self.family.finish_logits(self.lm_head(hidden), self.config)
