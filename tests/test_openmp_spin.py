@@ -1,4 +1,5 @@
 import importlib
+import os
 
 import fedsplit
 
@@ -9,8 +10,6 @@ def _reload_with(monkeypatch, **env):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     importlib.reload(fedsplit)
-    import os
-
     return os.environ.get("GOMP_SPINCOUNT")
 
 
